@@ -1,0 +1,200 @@
+"""The RWKV-6 WKV operator: one signature, several backends.
+
+Per head, with a state ``S`` of shape (N_key, N_value)::
+
+    y[t, j] = sum_i r[t, i] * (u[i] * k[t, i] * v[t, j] + S[i, j])
+    S[i, j] <- S[i, j] * exp(-exp(w[t, i])) + k[t, i] * v[t, j]
+
+``w`` is the *raw* decay (``time_decay + LoRA``), exactly what the original CUDA kernel takes;
+the per-step decay is ``exp(-exp(w))`` and its logarithm ``-exp(w)`` is what fla expects.
+
+Layouts: ``r, k, v, w`` are (B, T, H, N); ``u`` is (H, N); states are (B, H, N, N) in float32.
+Backends (chosen by the explicit ``backend`` argument, never by the environment):
+
+* ``"reference"``: the recurrence written as a loop over time; slow and obviously right.
+* ``"chunked"``: pure PyTorch, parallel inside chunks and recurrent across them; autograd works,
+  used for CPU training and inference.
+* ``"fla"``: flash-linear-attention's Triton ``chunk_rwkv6`` (CUDA only).
+* ``"auto"``: ``fla`` on CUDA tensors when fla is installed, otherwise ``chunked``.
+
+``wkv6_step`` is the one-token update used for decoding.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "reference", "chunked", "fla")
+
+
+@functools.lru_cache(maxsize=1)
+def fla_available() -> bool:
+    """True when fla's RWKV-6 kernel can be imported (it needs triton and a CUDA build)."""
+    try:
+        from fla.ops.rwkv6 import chunk_rwkv6  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown WKV backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "fla" if (device.type == "cuda" and fla_available()) else "chunked"
+    if backend == "fla":
+        if device.type != "cuda":
+            raise RuntimeError("the 'fla' WKV backend needs CUDA tensors; use backend='chunked' on a CPU")
+        if not fla_available():
+            raise RuntimeError("the 'fla' WKV backend needs flash-linear-attention: pip install 'visualrwkv[gpu]'")
+    return backend
+
+
+def _check(r, k, v, w, u, initial_state):
+    if r.dim() != 4:
+        raise ValueError(f"r, k, v, w must be (B, T, H, N); got r of shape {tuple(r.shape)}")
+    for name, x in (("k", k), ("v", v), ("w", w)):
+        if x.shape != r.shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(r.shape)} like r")
+    B, T, H, N = r.shape
+    if u.shape != (H, N):
+        raise ValueError(f"u must be (H, N) = {(H, N)}; got {tuple(u.shape)}")
+    if initial_state is not None and initial_state.shape != (B, H, N, N):
+        raise ValueError(f"initial_state must be (B, H, N, N) = {(B, H, N, N)}; got {tuple(initial_state.shape)}")
+
+
+def wkv6(
+    r: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+    chunk_size: int = 16,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """WKV6 over a sequence. Returns ``(y, final_state)``; y is (B, T, H, N) in r's dtype,
+    final_state (B, H, N, N) float32 when ``output_final_state`` else None."""
+    _check(r, k, v, w, u, initial_state)
+    be = resolve_backend(backend, r.device)
+    if be == "reference":
+        return wkv6_reference(r, k, v, w, u, initial_state, output_final_state)
+    if be == "chunked":
+        return wkv6_chunked(r, k, v, w, u, initial_state, output_final_state, chunk_size=chunk_size)
+    return wkv6_fla(r, k, v, w, u, initial_state, output_final_state)
+
+
+def wkv6_reference(r, k, v, w, u, initial_state=None, output_final_state=False):
+    """The recurrence, one time step at a time, in float32."""
+    B, T, H, N = r.shape
+    dtype = r.dtype
+    ct = torch.promote_types(dtype, torch.float32)  # float32, or float64 for float64 inputs
+    r, k, v, w, u = (x.to(ct) for x in (r, k, v, w, u))
+    decay = torch.exp(-torch.exp(w))  # (B, T, H, N)
+    S = r.new_zeros(B, H, N, N) if initial_state is None else initial_state.to(ct)
+    ys = []
+    for t in range(T):
+        kv = k[:, t, :, :, None] * v[:, t, :, None, :]  # (B, H, N, N)
+        ys.append((r[:, t, :, :, None] * (u[None, :, :, None] * kv + S)).sum(-2))  # (B, H, N)
+        S = S * decay[:, t, :, :, None] + kv
+    y = torch.stack(ys, dim=1) if T > 0 else r.new_zeros(B, 0, H, N)
+    return y.to(dtype), (S if output_final_state else None)
+
+
+def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, chunk_size: int = 16,
+                 safe_exponent: float = 20.0):
+    """Chunked parallel form in float32 (float64 stays float64).
+
+    Inside a chunk of L steps the pair (t, s < t) carries the factor exp(A[t-1] - A[s]), A being
+    the inclusive cumulative log-decay. It is split at the chunk's middle step m as
+    exp(A[t-1] - A[m-1]) * exp(A[m-1] - A[s]), which turns the pairs into one matrix product.
+    A chunk whose split exponents exceed ``safe_exponent`` (very strong decays, where the split
+    would overflow or lose precision) is computed pair by pair with exponents <= 0 instead.
+    Across chunks the state is carried with matrix products whose exponents are all <= 0.
+    """
+    B, T, H, N = r.shape
+    dtype = r.dtype
+    ct = torch.promote_types(dtype, torch.float32)
+    L = int(chunk_size)
+    m = L // 2
+    r, k, v = (x.to(ct) for x in (r, k, v))
+    logw = -torch.exp(w.to(ct))  # (B, T, H, N), <= 0
+    u = u.to(ct)
+    nc = (T + L - 1) // L
+    pad = nc * L - T
+    if pad:
+        # Padded steps have k = 0 and decay 1, so they leave the state untouched.
+        r, k, v, logw = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (r, k, v, logw))
+
+    def chunks(x):  # (B, T', H, N) -> (B, H, nc, L, N)
+        return x.view(B, nc, L, H, N).permute(0, 3, 1, 2, 4)
+
+    r, k, v, logw = chunks(r), chunks(k), chunks(v), chunks(logw)
+    # Cumulative log-decays in float64: the exponents below are differences of these sums, and
+    # float32 sums would lose the small differences next to large ones (strong decays).
+    A = torch.cumsum(logw.double(), dim=-2)  # inclusive
+    # Exclusive sum by shifting (not A - logw), so that A_prev[t] == A[t-1] bit for bit.
+    A_prev = F.pad(A, (0, 0, 1, 0))[..., :-1, :]
+    Am = A_prev[..., m:m + 1, :]
+    eq, ek = (A_prev - Am).to(ct), (Am - A).to(ct)  # split exponents, (B, H, nc, L, N)
+    q = r * torch.exp(eq.clamp(max=safe_exponent))
+    kt = k * torch.exp(ek.clamp(max=safe_exponent))
+    att = q @ kt.transpose(-1, -2)  # (B, H, nc, L, L)
+    causal = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
+    with torch.no_grad():
+        unsafe = torch.maximum(eq.amax(dim=(-1, -2)), ek.amax(dim=(-1, -2))) > safe_exponent  # (B, H, nc)
+        idx = unsafe.flatten().nonzero().squeeze(1)
+    if idx.numel():
+        def pick(x):
+            return x.reshape(B * H * nc, L, N).index_select(0, idx)
+
+        D = (pick(A_prev).unsqueeze(-2) - pick(A).unsqueeze(-3)).to(ct)
+        D = D.masked_fill(~causal[:, :, None], float("-inf"))
+        exact = (pick(r).unsqueeze(-2) * pick(k).unsqueeze(-3) * torch.exp(D)).sum(-1)  # (M, L, L)
+        att = att.reshape(B * H * nc, L, L).index_copy(0, idx, exact).view(B, H, nc, L, L)
+    bonus = (r * u[None, :, None, None, :] * k).sum(-1)  # (B, H, nc, L): the current-token term
+    att = att.masked_fill(~causal, 0.0) + torch.diag_embed(bonus)
+    y = att @ v  # (B, H, nc, L, N)
+
+    # Inter-chunk: the state from earlier chunks, decayed to each step.
+    r_dec = r * torch.exp(A_prev.to(ct))
+    k_dec = (k * torch.exp((A[..., -1:, :] - A).to(ct))).transpose(-1, -2)  # decayed to the chunk's end
+    chunk_decay = torch.exp(A[..., -1, :].to(ct)).unsqueeze(-1)  # (B, H, nc, N, 1)
+    S = r.new_zeros(B, H, N, N) if initial_state is None else initial_state.to(ct)
+    inter = []
+    # unbind (not indexing) keeps the backward linear in the number of chunks.
+    for rc, kc, vc, dc in zip(r_dec.unbind(2), k_dec.unbind(2), v.unbind(2), chunk_decay.unbind(2)):
+        inter.append(rc @ S)  # (B, H, L, N)
+        S = S * dc + kc @ vc
+    y = y + torch.stack(inter, dim=2)
+    y = y.permute(0, 2, 3, 1, 4).reshape(B, nc * L, H, N)[:, :T]
+    return y.to(dtype), (S if output_final_state else None)
+
+
+def wkv6_fla(r, k, v, w, u, initial_state=None, output_final_state=False):
+    """fla's Triton kernel. RWKV-6 needs scale=1.0 and the log-space decay -exp(w)."""
+    from fla.ops.rwkv6 import chunk_rwkv6
+
+    g = -torch.exp(w.float())
+    y, final = chunk_rwkv6(
+        r, k, v, g, u,
+        scale=1.0,
+        initial_state=None if initial_state is None else initial_state.float(),
+        output_final_state=output_final_state,
+    )
+    return y.to(r.dtype), (final.float() if (output_final_state and final is not None) else None)
+
+
+def wkv6_step(r, k, v, w, u, state):
+    """One decoding step. r, k, v, w: (B, H, N); u: (H, N); state: (B, H, N, N) float32.
+    Returns (y (B, H, N) in r's dtype, new_state float32)."""
+    dtype = r.dtype
+    r, k, v = r.float(), k.float(), v.float()
+    kv = k.unsqueeze(-1) * v.unsqueeze(-2)  # (B, H, N, N)
+    y = (r.unsqueeze(-1) * (u.float().unsqueeze(-1) * kv + state)).sum(-2)
+    state = state * torch.exp(-torch.exp(w.float())).unsqueeze(-1) + kv
+    return y.to(dtype), state
