@@ -1,0 +1,154 @@
+"""The RWKV-6 language model: official-package parity, recurrent consistency, strict loading."""
+import os
+
+import pytest
+import torch
+
+from visualrwkv.checkpoint import (config_from_state_dict, detect_rwkv_version, load_rwkv6,
+                                   load_state_dict_file, save_state_dict_file)
+from visualrwkv.errors import UserError
+from utils import random_rwkv6, rel
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    model = random_rwkv6(n_layer=3, n_embd=128, vocab_size=65536, seed=0)
+    path = str(tmp_path_factory.mktemp("ckpt") / "rwkv6.pth")
+    torch.save(model.state_dict(), path)
+    return path, model
+
+
+def test_logits_and_state_match_official_rwkv_package(ckpt):
+    path, _ = ckpt
+    os.environ["RWKV_JIT_ON"] = "0"
+    os.environ["RWKV_CUDA_ON"] = "0"
+    from rwkv.model import RWKV
+
+    ref = RWKV(path, "cpu fp32")
+    ids = torch.randint(0, 65536, (50,), generator=torch.Generator().manual_seed(5)).tolist()
+    ref_logits, ref_state = ref.forward(ids, None, full_output=True)  # (50, V), 3 tensors per layer
+    model = load_rwkv6(path)
+    with torch.no_grad():
+        logits, state = model(torch.tensor([ids]))
+    assert rel(logits[0], ref_logits) <= 1e-4
+    for i in range(3):
+        assert rel(state.att_shift[i, 0], ref_state[3 * i]) <= 1e-4
+        assert rel(state.wkv[i, 0], ref_state[3 * i + 1]) <= 1e-4
+        assert rel(state.ffn_shift[i, 0], ref_state[3 * i + 2]) <= 1e-4
+
+
+@pytest.mark.parametrize("T", [1, 7, 33])
+def test_full_equals_chunks_equals_token_by_token(ckpt, T):
+    model = ckpt[1].eval()
+    ids = torch.randint(0, 65536, (2, T), generator=torch.Generator().manual_seed(T))
+    with torch.no_grad():
+        full, s_full = model(ids)
+        cut = T // 2
+        a, s = model(ids[:, :cut]) if cut else (full[:, :0], None)
+        b, s2 = model(ids[:, cut:], state=s)
+        assert rel(torch.cat([a, b], 1), full) <= 1e-5
+        assert rel(s2.wkv, s_full.wkv) <= 1e-5 and rel(s2.att_shift, s_full.att_shift) <= 1e-5
+        s = None
+        steps = []
+        for t in range(T):
+            lg, s = model(ids[:, t:t + 1], state=s)
+            steps.append(lg)
+        assert rel(torch.cat(steps, 1), full) <= 1e-5
+        assert rel(s.wkv, s_full.wkv) <= 1e-5 and rel(s.ffn_shift, s_full.ffn_shift) <= 1e-5
+
+
+def test_embeddings_input_and_reference_backend(ckpt):
+    model = ckpt[1].eval()
+    ids = torch.randint(0, 65536, (1, 20))
+    with torch.no_grad():
+        a, _ = model(ids)
+        b, _ = model(inputs_embeds=model.emb(ids), backend="reference")
+    assert rel(b, a) <= 1e-5
+
+
+def test_right_padding_keeps_each_rows_state(ckpt):
+    model = ckpt[1].eval()
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = torch.randint(0, 65536, (1, 11), generator=g), torch.randint(0, 65536, (1, 6), generator=g)
+    batch = torch.zeros(2, 11, dtype=torch.long)
+    batch[0], batch[1, :6] = x1[0], x2[0]
+    valid = torch.arange(11)[None] < torch.tensor([[11], [6]])
+    with torch.no_grad():
+        lb, sb = model(batch, valid=valid, last_only=True)
+        l1, s1 = model(x1, last_only=True)
+        l2, s2 = model(x2, last_only=True)
+    assert rel(lb[1], l2[0]) <= 1e-5 and rel(lb[0], l1[0]) <= 1e-5
+    assert rel(sb.select(1).wkv, s2.wkv) <= 1e-5 and rel(sb.select(1).att_shift, s2.att_shift) <= 1e-5
+
+
+def test_dimensions_come_from_the_checkpoint(ckpt):
+    cfg = config_from_state_dict(ckpt[1].state_dict())
+    assert (cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.head_size, cfg.dim_ffn) == (3, 128, 65536, 64, 448)
+    assert (cfg.maa_rank, cfg.decay_rank) == (32, 64)
+
+
+@pytest.mark.parametrize("fmt,dtype", [(".pth", torch.bfloat16), (".safetensors", torch.float16),
+                                       (".safetensors", torch.float32)])
+def test_formats_and_dtypes(ckpt, tmp_path, fmt, dtype):
+    model = ckpt[1]
+    path = str(tmp_path / ("m" + fmt))
+    save_state_dict_file({k: v.to(dtype) for k, v in model.state_dict().items()}, path)
+    loaded = load_rwkv6(path)  # converted to fp32
+    assert loaded.head.weight.dtype == torch.float32
+    assert torch.equal(loaded.head.weight, model.head.weight.to(dtype).float())
+
+
+def test_visualrwkv_file_is_accepted_for_its_language_model(ckpt, tmp_path):
+    sd = {"rwkv." + k: v for k, v in ckpt[1].state_dict().items()}
+    sd["proj.weight"] = torch.zeros(128, 32)
+    sd["vit.vision_model.post_layernorm.weight"] = torch.zeros(32)
+    path = str(tmp_path / "visual.pth")
+    torch.save(sd, path)
+    assert torch.equal(load_rwkv6(path).emb.weight, ckpt[1].emb.weight)
+
+
+def _save(tmp_path, sd, name="bad.pth"):
+    path = str(tmp_path / name)
+    torch.save(sd, path)
+    return path
+
+
+def test_missing_key_is_named(ckpt, tmp_path):
+    sd = dict(ckpt[1].state_dict())
+    del sd["blocks.1.att.gate.weight"]
+    with pytest.raises(UserError, match=r"missing keys: blocks\.1\.att\.gate\.weight"):
+        load_rwkv6(_save(tmp_path, sd))
+
+
+def test_unexpected_key_is_named(ckpt, tmp_path):
+    sd = dict(ckpt[1].state_dict())
+    sd["blocks.0.att.extra"] = torch.zeros(3)
+    with pytest.raises(UserError, match=r"unexpected keys: blocks\.0\.att\.extra"):
+        load_rwkv6(_save(tmp_path, sd))
+
+
+def test_wrong_shape_is_named(ckpt, tmp_path):
+    sd = dict(ckpt[1].state_dict())
+    sd["blocks.2.ffn.value.weight"] = torch.zeros(128, 400)
+    with pytest.raises(UserError, match=r"blocks\.2\.ffn\.value\.weight is \(128, 400\), expected \(128, 448\)"):
+        load_rwkv6(_save(tmp_path, sd))
+
+
+def test_other_rwkv_versions_are_recognised(tmp_path):
+    v5 = {"emb.weight": torch.zeros(10, 8), "blocks.0.att.time_mix_k": torch.zeros(1, 1, 8),
+          "blocks.0.att.ln_x.weight": torch.zeros(8), "blocks.0.att.gate.weight": torch.zeros(8, 8)}
+    v7 = {"emb.weight": torch.zeros(10, 8), "blocks.0.att.x_r": torch.zeros(1, 1, 8), "blocks.0.att.w0": torch.zeros(1, 1, 8)}
+    assert detect_rwkv_version(v5) == "RWKV-5 (x052)"
+    with pytest.raises(UserError, match="RWKV-5"):
+        load_rwkv6(_save(tmp_path, v5))
+    with pytest.raises(UserError, match="RWKV-7"):
+        load_rwkv6(_save(tmp_path, v7, "v7.pth"))
+
+
+def test_unreadable_files_give_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_state_dict_file(str(tmp_path / "nope.pth"))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a readable"):
+        load_state_dict_file(str(junk))

@@ -1,0 +1,113 @@
+"""The WKV6 backends against the slow recurrent reference: outputs, final state and gradients."""
+import pytest
+import torch
+
+from visualrwkv.ops import resolve_backend, wkv6, wkv6_chunked, wkv6_reference, wkv6_step
+from utils import rel
+
+# Raw decays w (decay = exp(-exp(w))): weak ~ 0.993 per step, moderate, strong ~ 0.2 .. 6e-4.
+REGIMES = {
+    "weak": lambda s, g: torch.randn(s, generator=g) * 0.5 - 5.0,
+    "moderate": lambda s, g: torch.randn(s, generator=g) - 1.0,
+    "strong": lambda s, g: torch.rand(s, generator=g) * 1.5 + 0.5,
+    "mixed": lambda s, g: torch.randn(s, generator=g) * 2.0,
+}
+
+
+def _inputs(B, T, H, N, regime, seed, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    r, k, v = (torch.randn(B, T, H, N, generator=g) for _ in range(3))
+    w = REGIMES[regime]((B, T, H, N), g)
+    u = torch.randn(H, N, generator=g)
+    s0 = torch.randn(B, H, N, N, generator=g)
+    return [x.requires_grad_(requires_grad) for x in (r, k, v, w, u, s0)]
+
+
+@pytest.mark.parametrize("T", [1, 15, 64, 100, 500])
+@pytest.mark.parametrize("regime", list(REGIMES))
+def test_chunked_matches_reference(T, regime):
+    args = _inputs(2, T, 2, 16, regime, seed=T)
+    y1, S1 = wkv6_reference(*args[:5], initial_state=args[5], output_final_state=True)
+    gy, gS = torch.randn_like(y1), torch.randn_like(S1)
+    g1 = torch.autograd.grad((y1 * gy).sum() + (S1 * gS).sum(), args)
+    y2, S2 = wkv6_chunked(*args[:5], initial_state=args[5], output_final_state=True)
+    g2 = torch.autograd.grad((y2 * gy).sum() + (S2 * gS).sum(), args)
+    assert rel(y2, y1) <= 1e-5
+    assert rel(S2, S1) <= 1e-5
+    for name, a, b in zip(["r", "k", "v", "w", "u", "initial_state"], g2, g1):
+        assert rel(a, b) <= 1e-5, name
+
+
+@pytest.mark.parametrize("chunk_size", [4, 8, 16, 32])
+def test_chunk_sizes_and_no_initial_state(chunk_size):
+    r, k, v, w, u, _ = _inputs(1, 37, 3, 8, "moderate", seed=1, requires_grad=False)
+    y1, S1 = wkv6_reference(r, k, v, w, u, output_final_state=True)
+    y2, S2 = wkv6_chunked(r, k, v, w, u, output_final_state=True, chunk_size=chunk_size)
+    assert rel(y2, y1) <= 1e-5 and rel(S2, S1) <= 1e-5
+
+
+def test_reference_is_the_recurrence_in_float64():
+    # The reference itself against the SPEC formula written elementwise, in float64.
+    r, k, v, w, u, s0 = (x.double() for x in _inputs(1, 5, 1, 3, "moderate", seed=2, requires_grad=False))
+    S = s0[0, 0].clone()
+    for t in range(5):
+        y = torch.zeros(3, dtype=torch.float64)
+        for j in range(3):
+            y[j] = sum(r[0, t, 0, i] * (u[0, i] * k[0, t, 0, i] * v[0, t, 0, j] + S[i, j]) for i in range(3))
+        for i in range(3):
+            for j in range(3):
+                S[i, j] = S[i, j] * torch.exp(-torch.exp(w[0, t, 0, i])) + k[0, t, 0, i] * v[0, t, 0, j]
+        y_ref, _ = wkv6_reference(r[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], w[:, t:t + 1], u,
+                                  initial_state=s0 if t == 0 else S_prev, output_final_state=True)
+        S_prev = S.clone().view(1, 1, 3, 3)
+        assert torch.allclose(y_ref[0, 0, 0], y, atol=1e-12)
+
+
+def test_step_equals_sequence():
+    r, k, v, w, u, s0 = _inputs(2, 9, 2, 8, "moderate", seed=3, requires_grad=False)
+    y_seq, S_seq = wkv6_reference(r, k, v, w, u, initial_state=s0, output_final_state=True)
+    S = s0.clone()
+    for t in range(9):
+        y, S = wkv6_step(r[:, t], k[:, t], v[:, t], w[:, t], u, S)
+        assert rel(y, y_seq[:, t]) <= 1e-6
+    assert rel(S, S_seq) <= 1e-6
+
+
+def test_backend_selection_is_explicit():
+    assert resolve_backend("auto", torch.device("cpu")) == "chunked"
+    assert resolve_backend("reference", torch.device("cpu")) == "reference"
+    with pytest.raises(ValueError):
+        resolve_backend("triton-magic", torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="CUDA"):
+        resolve_backend("fla", torch.device("cpu"))
+
+
+def test_shape_errors_are_clear():
+    r = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="u must be"):
+        wkv6(r, r, r, r, torch.randn(3, 8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fla_matches_reference_bf16():
+    from visualrwkv.ops import fla_available
+
+    if not fla_available():
+        pytest.skip("flash-linear-attention is not installed")
+    torch.manual_seed(0)
+    B, T, H, N = 2, 256, 4, 64
+    dev = "cuda"
+    r, k, v = (torch.randn(B, T, H, N, device=dev) for _ in range(3))
+    w = torch.randn(B, T, H, N, device=dev) - 1.0
+    u = torch.randn(H, N, device=dev)
+    s0 = torch.randn(B, H, N, N, device=dev)
+    args32 = [x.clone().requires_grad_() for x in (r, k, v, w, u, s0)]
+    y1, S1 = wkv6_reference(*args32[:5], initial_state=args32[5], output_final_state=True)
+    (y1.sum() + S1.sum()).backward()
+    args16 = [x.clone().to(torch.bfloat16).requires_grad_() for x in (r, k, v, w, u)]
+    y2, S2 = wkv6(*args16, initial_state=s0.clone().requires_grad_(), output_final_state=True, backend="fla")
+    (y2.float().sum() + S2.sum()).backward()
+    assert rel(y2.float(), y1) < 1e-2 and rel(S2, S1) < 1e-2
+    for a, b in zip(args16, args32[:5]):
+        assert rel(a.grad.float(), b.grad) < 1e-2

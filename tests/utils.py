@@ -1,0 +1,29 @@
+"""Helpers shared by the tests: small random checkpoints with the official key layout."""
+from __future__ import annotations
+
+import torch
+
+from visualrwkv.layers.rwkv6 import RWKV6Config
+from visualrwkv.models.rwkv6 import RWKV6
+
+
+def random_rwkv6(n_layer=3, n_embd=128, vocab_size=65536, seed=0, noise=0.5) -> RWKV6:
+    """An RWKV-6 with the published init plus noise on every tensor, so that no weight is zero and
+    every path (LoRAs, gates, output projections, channel mix) matters for the logits."""
+    torch.manual_seed(seed)
+    model = RWKV6(RWKV6Config(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size)).init_weights(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "emb.weight":
+                p.normal_(0.0, 1.0, generator=g)
+            elif p.dim() >= 2 and not name.endswith("time_faaaa"):
+                p.add_(torch.randn(p.shape, generator=g) * noise / p.shape[-1] ** 0.5)
+            else:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

@@ -1,0 +1,204 @@
+"""The RWKV-6 (x060) language model (SPEC §2) with a recurrent-state API.
+
+    model = RWKV6(RWKV6Config(n_layer=24, n_embd=2048))
+    logits, state = model(input_ids)                     # parallel forward, state after the last token
+    logits, state = model(next_ids, state=state)         # continue: equals one longer forward
+    logits, state = model(inputs_embeds=x, state=state)  # same, on embeddings (images spliced in)
+
+The state holds per layer the TimeMix shift (B, C), the WKV state (B, H, N, N) in float32 and the
+ChannelMix shift (B, C), stacked over layers (see ``RWKVState``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint as cp
+
+from visualrwkv.layers.rwkv6 import Block, RWKV6Config
+
+__all__ = ["RWKV6", "RWKV6Config", "RWKVState"]
+
+
+@dataclass
+class RWKVState:
+    """Recurrent state of all layers. att_shift, ffn_shift: (L, B, C); wkv: (L, B, H, N, N) float32."""
+
+    att_shift: torch.Tensor
+    wkv: torch.Tensor
+    ffn_shift: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.wkv.shape[1]
+
+    def layer(self, i: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.att_shift[i], self.wkv[i], self.ffn_shift[i]
+
+    @staticmethod
+    def from_layers(layers: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> "RWKVState":
+        return RWKVState(
+            torch.stack([s[0] for s in layers]), torch.stack([s[1] for s in layers]), torch.stack([s[2] for s in layers])
+        )
+
+    def clone(self) -> "RWKVState":
+        return RWKVState(self.att_shift.clone(), self.wkv.clone(), self.ffn_shift.clone())
+
+    def select(self, index) -> "RWKVState":
+        """Rows of the batch: ``index`` is an int, a list or a LongTensor of batch positions."""
+        if isinstance(index, int):
+            index = [index]
+        idx = torch.as_tensor(index, device=self.wkv.device, dtype=torch.long)
+        return RWKVState(self.att_shift.index_select(1, idx), self.wkv.index_select(1, idx),
+                         self.ffn_shift.index_select(1, idx))
+
+    def repeat(self, n: int) -> "RWKVState":
+        """Tile a batch-1 state n times (several questions about one image)."""
+        return RWKVState(self.att_shift.expand(-1, n, -1).clone(), self.wkv.expand(-1, n, -1, -1, -1).clone(),
+                         self.ffn_shift.expand(-1, n, -1).clone())
+
+    @staticmethod
+    def cat(states: Sequence["RWKVState"]) -> "RWKVState":
+        return RWKVState(torch.cat([s.att_shift for s in states], 1), torch.cat([s.wkv for s in states], 1),
+                         torch.cat([s.ffn_shift for s in states], 1))
+
+    def to(self, device=None, dtype=None) -> "RWKVState":
+        """dtype applies to the shift states only; the WKV state stays float32."""
+        return RWKVState(self.att_shift.to(device=device, dtype=dtype), self.wkv.to(device=device),
+                         self.ffn_shift.to(device=device, dtype=dtype))
+
+
+class RWKV6(nn.Module):
+    def __init__(self, cfg: RWKV6Config):
+        super().__init__()
+        self.cfg = cfg
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
+        self.ln_out = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.grad_cp = False  # gradient checkpointing per block during training (--grad_cp 1)
+
+    # ------------------------------------------------------------------------------------------
+    def init_weights(self, seed: Optional[int] = None) -> "RWKV6":
+        """Fresh weights following RWKV-6's published initialisation (decay spread from slow to fast
+        channels, small LoRAs, zero output projections), so a new model trains well from scratch."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        cfg = self.cfg
+        C, L = cfg.n_embd, cfg.n_layer
+        with torch.no_grad():
+            self.emb.weight.uniform_(-1e-4, 1e-4, generator=gen)
+            nn.init.orthogonal_(self.head.weight, gain=0.5 * math.sqrt(cfg.vocab_size / C), generator=gen)
+            for ln in [self.ln_out] + [m for b in self.blocks for m in b.modules() if isinstance(m, nn.LayerNorm)]:
+                ln.weight.fill_(1.0)
+                ln.bias.zero_()
+            n = torch.arange(C, dtype=torch.float32)
+            ddd = (n / C).view(1, 1, C)
+            for i, blk in enumerate(self.blocks):
+                r01 = i / max(L - 1, 1)  # 0 at the first layer, 1 at the last
+                r10 = 1.0 - i / L  # 1 at the first layer, towards 0 at the last
+                a = blk.att
+                a.time_maa_x.copy_(1.0 - ddd ** r10)
+                a.time_maa_w.copy_(1.0 - ddd ** r10)
+                a.time_maa_k.copy_(1.0 - ddd ** r10)
+                a.time_maa_v.copy_(1.0 - (ddd ** r10 + 0.3 * r01))
+                a.time_maa_r.copy_(1.0 - ddd ** (0.5 * r10))
+                a.time_maa_g.copy_(1.0 - ddd ** (0.5 * r10))
+                a.time_maa_w1.zero_()
+                a.time_maa_w2.uniform_(-0.01, 0.01, generator=gen)
+                decay = -6.0 + 5.0 * (n / max(C - 1, 1)) ** (0.7 + 1.3 * r01)
+                a.time_decay.copy_(decay.view(1, 1, C))
+                a.time_decay_w1.zero_()
+                a.time_decay_w2.uniform_(-0.01, 0.01, generator=gen)
+                zigzag = ((n + 1) % 3 - 1) * 0.1
+                a.time_faaaa.copy_((r01 * (1.0 - n / max(C - 1, 1)) + zigzag).view(cfg.n_head, cfg.head_size))
+                nn.init.orthogonal_(a.receptance.weight, gain=1.0, generator=gen)
+                nn.init.orthogonal_(a.value.weight, gain=1.0, generator=gen)
+                nn.init.orthogonal_(a.key.weight, gain=0.1, generator=gen)
+                nn.init.orthogonal_(a.gate.weight, gain=0.1, generator=gen)
+                a.output.weight.zero_()
+                a.ln_x.weight.fill_(1.0)
+                a.ln_x.bias.zero_()
+                f = blk.ffn
+                f.time_maa_k.copy_(1.0 - ddd ** r10)
+                f.time_maa_r.copy_(1.0 - ddd ** r10)
+                nn.init.orthogonal_(f.key.weight, gain=1.0, generator=gen)
+                f.receptance.weight.zero_()
+                f.value.weight.zero_()
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    def empty_state(self, batch_size: int, device=None, dtype=None) -> RWKVState:
+        cfg = self.cfg
+        device = device or self.emb.weight.device
+        dtype = dtype or self.emb.weight.dtype
+        L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
+        return RWKVState(torch.zeros(L, batch_size, C, device=device, dtype=dtype),
+                         torch.zeros(L, batch_size, H, N, N, device=device, dtype=torch.float32),
+                         torch.zeros(L, batch_size, C, device=device, dtype=dtype))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.emb(input_ids)
+
+    def forward_hidden(
+        self,
+        inputs_embeds: torch.Tensor,
+        state: Optional[RWKVState] = None,
+        *,
+        valid: Optional[torch.Tensor] = None,
+        scan_perm: Optional[torch.Tensor] = None,
+        backend: str = "auto",
+        need_state: bool = True,
+    ) -> Tuple[torch.Tensor, Optional[RWKVState]]:
+        """Blocks + ln_out. inputs_embeds: (B, T, C). Returns (hidden (B, T, C), new state).
+
+        valid: (B, T) bool, False on right padding (the state is taken at each row's last real token).
+        scan_perm: (B, T) long; odd layers see ``x.gather(1, scan_perm)`` and their output is put
+        back with the same gather (the permutation is an involution: it reverses image segments).
+        """
+        x = inputs_embeds
+        new_layers: List = []
+        perm_idx = None
+        if scan_perm is not None:
+            perm_idx = scan_perm.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        for i, blk in enumerate(self.blocks):
+            reverse = perm_idx is not None and i % 2 == 1
+            if reverse:
+                x = x.gather(1, perm_idx)
+            layer_state = None if state is None else state.layer(i)
+            if self.grad_cp and self.training and torch.is_grad_enabled():
+                x, s = cp.checkpoint(blk, x, layer_state, backend, valid, use_reentrant=False)
+            else:
+                x, s = blk(x, layer_state, backend=backend, valid=valid)
+            if reverse:
+                x = x.gather(1, perm_idx)
+            if need_state:
+                new_layers.append(s)
+        x = self.ln_out(x)
+        return x, (RWKVState.from_layers(new_layers) if need_state else None)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        state: Optional[RWKVState] = None,
+        *,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        valid: Optional[torch.Tensor] = None,
+        scan_perm: Optional[torch.Tensor] = None,
+        backend: str = "auto",
+        last_only: bool = False,
+    ) -> Tuple[torch.Tensor, RWKVState]:
+        """Token ids (B, T) or embeddings (B, T, C) -> (logits (B, T, V) or (B, V) with last_only, state)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        h, new_state = self.forward_hidden(x, state, valid=valid, scan_perm=scan_perm, backend=backend)
+        if last_only:
+            if valid is not None:
+                idx = (valid.long().sum(1) - 1).clamp(min=0)
+                h = h[torch.arange(h.shape[0], device=h.device), idx]
+            else:
+                h = h[:, -1]
+        return self.head(h), new_state
