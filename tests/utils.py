@@ -27,3 +27,16 @@ def random_rwkv6(n_layer=3, n_embd=128, vocab_size=65536, seed=0, noise=0.5) -> 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_tiny_tower(folder: str, image_size: int = 32, patch_size: int = 8, hidden: int = 32, seed: int = 0) -> str:
+    """A random CLIP vision tower (4x4 patches) saved with its image processor, for offline tests."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=image_size, patch_size=patch_size)
+    transformers.CLIPVisionModel(cfg).save_pretrained(folder)
+    transformers.CLIPImageProcessor(size={"shortest_edge": image_size},
+                                    crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    return folder

@@ -1,0 +1,252 @@
+"""The VisualRWKV model (SPEC §1, §4, §5): vision tower -> grid pooling -> projector -> RWKV-6,
+with the image segment scanned in both directions in odd layers.
+
+Batches are right-padded and every row is computed as if it were alone: the model is causal, the
+image of each row is spliced at that row's own placeholder, and the scan permutation is built per
+row. Checkpoint layout: ``rwkv.*`` (language model), ``proj.weight`` (C, Dv), ``vit.*`` (tower).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from visualrwkv.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from visualrwkv.errors import UserError
+from visualrwkv.models.pooling import grid_pool, num_image_tokens
+from visualrwkv.models.rwkv6 import RWKV6, RWKVState
+from visualrwkv.models import vision
+
+
+class L2Wrap(torch.autograd.Function):
+    """Identity on the loss; in backward adds ``factor * max_logit`` to each row's largest logit
+    (the original's regulariser that keeps logits small). logits: (M, V)."""
+
+    @staticmethod
+    def forward(ctx, loss, logits, factor):
+        ctx.save_for_backward(logits)
+        ctx.factor = factor
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (logits,) = ctx.saved_tensors
+        maxx, ids = logits.max(dim=-1, keepdim=True)
+        g = torch.zeros_like(logits).scatter_(-1, ids, maxx * ctx.factor)
+        return grad_output, g, None
+
+
+@dataclass
+class MultimodalInputs:
+    """A batch after splicing. embeds (B, T, C); valid (B, T) bool; labels (B, T) or None;
+    scan_perm (B, T) long or None (no image in the batch); image_start/n_image per row (-1 / 0 if none)."""
+
+    embeds: torch.Tensor
+    valid: torch.Tensor
+    labels: Optional[torch.Tensor]
+    scan_perm: Optional[torch.Tensor]
+    image_start: torch.Tensor
+    lengths: torch.Tensor
+
+
+@dataclass
+class VisualOutput:
+    loss: Optional[torch.Tensor]
+    logits: Optional[torch.Tensor]
+    state: Optional[RWKVState]
+    n_tokens: int = 0  # supervised tokens in the batch
+
+
+class VisualRWKV(nn.Module):
+    def __init__(self, rwkv: RWKV6, vit: Optional[nn.Module], vision_hidden: int, grid_size: int = -1,
+                 num_patches: int = 576, freeze_vit: bool = True):
+        super().__init__()
+        self.rwkv = rwkv
+        self.vit = vit
+        self.proj = nn.Linear(vision_hidden, rwkv.cfg.n_embd, bias=False)
+        self.grid_size = grid_size
+        self.num_patches = num_patches
+        self.n_image_tokens = num_image_tokens(grid_size, num_patches)
+        self.freeze_vit = freeze_vit
+        self.l2wrap = True
+        if vit is not None and freeze_vit:
+            vit.requires_grad_(False)
+            vit.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.vit is not None and self.freeze_vit:
+            self.vit.eval()  # a frozen tower always runs in eval mode
+        return self
+
+    # ---------------------------------------------------------------------------- construction
+    @classmethod
+    def from_checkpoint(cls, path_or_sd, vision_tower_name: str, grid_size: int = -1,
+                        dtype: Optional[torch.dtype] = torch.float32, device="cpu") -> "VisualRWKV":
+        """A released-format file (``rwkv.*``, ``proj.weight``, ``vit.*``) + the tower folder for its
+        config and processor. Strict: every key must be there with the right shape."""
+        from visualrwkv.checkpoint import (check_state_dict, config_from_state_dict, load_state_dict_file,
+                                           strip_prefix)
+
+        source = path_or_sd if isinstance(path_or_sd, str) else "state dict"
+        sd = load_state_dict_file(path_or_sd) if isinstance(path_or_sd, str) else dict(path_or_sd)
+        if "proj.weight" not in sd or not any(k.startswith("rwkv.") for k in sd):
+            raise UserError(f"{source} is not a VisualRWKV checkpoint (no proj.weight / rwkv.* keys); "
+                            "to start stage 1 from an RWKV model use --load_model")
+        rwkv_sd = strip_prefix(sd, "rwkv.")
+        cfg = config_from_state_dict(rwkv_sd, source)
+        vcfg = vision.vision_config(vision_tower_name)
+        vit_sd = {k: v for k, v in strip_prefix(sd, "vit.").items() if not k.endswith("position_ids")}
+        with torch.device("meta"):
+            rwkv = RWKV6(cfg)
+        vit = vision.build_vision_model(vcfg) if vit_sd else vision.load_vision_model(vision_tower_name)
+        model = cls(rwkv, vit, vcfg.hidden_size, grid_size, vision.num_patches(vcfg))
+        expected = {k: v for k, v in model.state_dict().items()
+                    if not k.endswith("position_ids") and (vit_sd or not k.startswith("vit."))}
+        given = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+        check_state_dict(expected, given, source)
+        if dtype is not None:
+            given = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in given.items()}
+        model.load_state_dict(given, strict=False, assign=True)  # key sets were checked just above
+        return model.to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_rwkv(cls, rwkv_path_or_model, vision_tower_name: str, grid_size: int = -1,
+                  dtype: Optional[torch.dtype] = torch.float32, seed: int = 0) -> "VisualRWKV":
+        """Stage-1 start: an RWKV-6 ``.pth`` (or model) + a pretrained tower, with a fresh projector."""
+        from visualrwkv.checkpoint import load_rwkv6
+
+        rwkv = rwkv_path_or_model if isinstance(rwkv_path_or_model, RWKV6) else load_rwkv6(rwkv_path_or_model, dtype)
+        vit = vision.load_vision_model(vision_tower_name)
+        vcfg = vit.config
+        torch.manual_seed(seed)
+        model = cls(rwkv, vit, vcfg.hidden_size, grid_size, vision.num_patches(vcfg))
+        return model.to(dtype=dtype) if dtype is not None else model
+
+    # ---------------------------------------------------------------------------- vision side
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) -> projected image tokens (n, n_image_tokens, C), patches first, CLS last."""
+        if self.vit is None:
+            raise RuntimeError("this model has no vision tower")
+        if self.freeze_vit:
+            with torch.no_grad():
+                feats = vision.image_features(self.vit, pixel_values)
+        else:
+            feats = vision.image_features(self.vit, pixel_values)
+        pooled = grid_pool(feats, self.grid_size)
+        return self.proj(pooled.to(self.proj.weight.dtype))
+
+    # ---------------------------------------------------------------------------- splicing
+    def build_inputs(self, input_ids: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+                     image_embeds: Optional[torch.Tensor] = None, has_image: Optional[torch.Tensor] = None,
+                     labels: Optional[torch.Tensor] = None) -> MultimodalInputs:
+        """Splice image tokens at each row's -200 placeholder.
+
+        input_ids: (B, T) right-padded, -200 at most once per row; lengths: (B,) real lengths;
+        image_embeds: (n_img, n, C) for the rows with an image, in row order; labels: (B, T)."""
+        B, T = input_ids.shape
+        device = input_ids.device
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.long, device=device)
+        is_ph = input_ids == IMAGE_TOKEN_INDEX
+        n_ph = is_ph.sum(1)
+        if n_ph.numel() and int(n_ph.max()) > 1:
+            rows = (n_ph > 1).nonzero().flatten().tolist()
+            raise UserError(f"batch rows {rows} have more than one <image>; VisualRWKV takes one image per sample")
+        row_has = n_ph > 0
+        if has_image is not None and not torch.equal(row_has.cpu(), has_image.bool().cpu()):
+            raise ValueError("has_image does not match the <image> placeholders in input_ids")
+        n_img_rows = int(row_has.sum())
+        n = self.n_image_tokens
+        if n_img_rows and (image_embeds is None or image_embeds.shape[0] != n_img_rows):
+            got = 0 if image_embeds is None else image_embeds.shape[0]
+            raise ValueError(f"{n_img_rows} rows have an <image> placeholder but {got} images were given")
+        text = self.rwkv.embed(input_ids.clamp(min=0))  # (B, T, C); placeholder rows get id 0 here
+        C = text.shape[-1]
+        pos = torch.where(row_has, is_ph.float().argmax(1), torch.full_like(n_ph, -1))  # (B,)
+        extra = torch.where(row_has, torch.full_like(n_ph, n - 1), torch.zeros_like(n_ph))
+        new_len = lengths + extra
+        Tn = int(new_len.max())
+        j = torch.arange(Tn, device=device).unsqueeze(0).expand(B, Tn)  # output positions
+        p = pos.unsqueeze(1)
+        in_img = row_has.unsqueeze(1) & (j >= p) & (j < p + n)
+        after = row_has.unsqueeze(1) & (j >= p + n)
+        src_text = torch.where(after, j - (n - 1), j).clamp(max=T - 1)  # text index for text positions
+        valid = j < new_len.unsqueeze(1)
+        # Source rows: [text (T) | image tokens (n)]; image rows take index T + (j - p).
+        img_full = text.new_zeros(B, n, C)
+        if n_img_rows:
+            img_full[row_has] = image_embeds.to(text.dtype)
+        src = torch.cat([text, img_full], dim=1)
+        idx = torch.where(in_img, T + (j - p), src_text)
+        embeds = src.gather(1, idx.unsqueeze(-1).expand(B, Tn, C))
+        new_labels = None
+        if labels is not None:
+            lab_src = torch.cat([labels, labels.new_full((B, n), IGNORE_INDEX)], dim=1)
+            new_labels = lab_src.gather(1, idx).masked_fill(~valid, IGNORE_INDEX)
+        scan_perm = None
+        if n_img_rows and n > 1:
+            # Reverse [p, p + n - 1): the image tokens without the trailing CLS (SPEC §4).
+            seg = row_has.unsqueeze(1) & (j >= p) & (j < p + n - 1)
+            scan_perm = torch.where(seg, 2 * p + n - 2 - j, j)
+        return MultimodalInputs(embeds, valid, new_labels, scan_perm, pos, new_len)
+
+    # ---------------------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                pixel_values: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None,
+                has_image: Optional[torch.Tensor] = None, image_embeds: Optional[torch.Tensor] = None,
+                backend: str = "auto", return_logits: bool = False, **_ignored) -> VisualOutput:
+        """Training / scoring forward. With labels: loss = mean over rows of the mean next-token
+        cross entropy over the row's supervised tokens (SPEC §5); the head runs only where needed."""
+        if image_embeds is None and pixel_values is not None and pixel_values.shape[0] > 0:
+            image_embeds = self.encode_images(pixel_values)
+        mm = self.build_inputs(input_ids, lengths, image_embeds, has_image, labels)
+        # No padding mask needed: the model is causal, so right padding cannot reach real positions.
+        hidden, _ = self.rwkv.forward_hidden(mm.embeds, scan_perm=mm.scan_perm, backend=backend, need_state=False)
+        logits = self.rwkv.head(hidden) if return_logits else None
+        if labels is None:
+            return VisualOutput(None, logits, None)
+        B, Tn, _ = hidden.shape
+        target = mm.labels[:, 1:]  # position t predicts token t + 1
+        sel = target != IGNORE_INDEX  # (B, Tn - 1)
+        rows = sel.nonzero()[:, 0]
+        h = hidden[:, :-1][sel]  # (M, C): only the supervised positions reach the head
+        lg = self.rwkv.head(h) if logits is None else logits[:, :-1][sel]
+        ce = F.cross_entropy(lg.float(), target[sel], reduction="none")  # (M,)
+        per_row = torch.zeros(B, device=ce.device, dtype=ce.dtype).index_add(0, rows, ce)
+        count = sel.sum(1).clamp(min=1).to(ce.dtype)
+        loss = (per_row / count).mean()
+        if self.l2wrap and self.training and lg.requires_grad:
+            loss = L2Wrap.apply(loss, lg, 1e-4 / (B * Tn))
+        return VisualOutput(loss, logits, None, int(sel.sum()))
+
+    @torch.no_grad()
+    def prefill(self, input_ids: Sequence[Sequence[int]], pixel_values: Optional[torch.Tensor] = None,
+                image_embeds: Optional[torch.Tensor] = None, state: Optional[RWKVState] = None,
+                backend: str = "auto") -> Tuple[torch.Tensor, RWKVState]:
+        """Run prompts (lists of ids, -200 for the image) in one parallel pass, with the scan.
+        Rows may differ in length and in whether they hold an image (``pixel_values`` / ``image_embeds``
+        for the rows with an image, in order). Returns (last-token logits (B, V) float32, state)."""
+        device = self.proj.weight.device
+        lengths = torch.tensor([len(x) for x in input_ids], device=device)
+        if int(lengths.min()) == 0:
+            raise ValueError("empty prompt")
+        ids = torch.zeros(len(input_ids), int(lengths.max()), dtype=torch.long, device=device)
+        for b, x in enumerate(input_ids):
+            ids[b, : len(x)] = torch.tensor(list(x), dtype=torch.long, device=device)
+        if image_embeds is None and pixel_values is not None and pixel_values.shape[0] > 0:
+            image_embeds = self.encode_images(pixel_values.to(device))
+        mm = self.build_inputs(ids, lengths, image_embeds)
+        valid = None if bool(mm.valid.all()) else mm.valid
+        logits, new_state = self.rwkv(inputs_embeds=mm.embeds, state=state, valid=valid, scan_perm=mm.scan_perm,
+                                      backend=backend, last_only=True)
+        return logits.float(), new_state
+
+    @torch.no_grad()
+    def step(self, token_ids: torch.Tensor, state: RWKVState, backend: str = "auto") -> Tuple[torch.Tensor, RWKVState]:
+        """One decoding step for a batch: token_ids (B,) -> (logits (B, V) float32, new state)."""
+        logits, state = self.rwkv(token_ids.view(-1, 1), state=state, backend=backend, last_only=True)
+        return logits.float(), state
