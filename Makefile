@@ -23,7 +23,7 @@ quickstart: $(STAMP)
 	$(BIN)/visualrwkv quickstart
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_wkv_cpu.py
+	$(BIN)/python benchmarks/bench_wkv.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
