@@ -222,7 +222,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd = SUBCOMMANDS.get(argv[0])
     if cmd is None:
         raise UserError(f"unknown data command {argv[0]!r}; use check, show or synth")
-    return cmd(argv[1:])
+    try:
+        return cmd(argv[1:])
+    except BrokenPipeError:
+        # Output piped into e.g. 'head' that stopped reading: not an error. Point stdout at
+        # /dev/null so the interpreter's final flush does not complain again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
