@@ -79,14 +79,16 @@ class TimeMix(nn.Module):
         wkv_state: Optional[torch.Tensor] = None,
         backend: str = "auto",
         valid: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (B, T, C) normalised input; shift: (B, C) last input of the previous call;
         wkv_state: (B, H, N, N) float32. valid: optional (B, T) bool, False on right padding:
-        padded steps leave the state untouched. Returns (out, new_shift, new_wkv_state)."""
+        padded steps leave the state untouched. cu_seqlens: (S + 1,) int offsets of S sequences
+        packed in one row (B = 1, training only): the shift and the WKV state restart at each start.
+        Returns (out, new_shift, new_wkv_state)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        prev = torch.zeros_like(x[:, 0]) if shift is None else shift.to(x.dtype)
-        xx = torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1) - x  # shift(x) - x
+        xx = token_shift(x, shift, cu_seqlens) - x  # shift(x) - x
         xxx = x + xx * self.time_maa_x
         m = torch.tanh(xxx @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)  # (5, B*T, R)
         m = torch.bmm(m, self.time_maa_w2).view(5, B, T, C)  # (5, B, T, C)
@@ -112,7 +114,8 @@ class TimeMix(nn.Module):
         else:
             y, new_state = wkv6(
                 r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N), w.view(B, T, H, N), u,
-                initial_state=wkv_state, output_final_state=True, backend=backend,
+                initial_state=wkv_state, output_final_state=cu_seqlens is None, backend=backend,
+                cu_seqlens=cu_seqlens,
             )
             y = y.reshape(B, T, C)
         y = self.ln_x(y.reshape(B * T, C).to(x.dtype)).view(B, T, C)
@@ -130,14 +133,23 @@ class ChannelMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(Fd, C, bias=False)
 
-    def forward(self, x, shift=None, valid=None):
+    def forward(self, x, shift=None, valid=None, cu_seqlens=None):
         """x: (B, T, C); shift: (B, C). Returns (out, new_shift)."""
-        prev = torch.zeros_like(x[:, 0]) if shift is None else shift.to(x.dtype)
-        xx = torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1) - x
+        xx = token_shift(x, shift, cu_seqlens) - x
         xk = x + xx * self.time_maa_k
         xr = x + xx * self.time_maa_r
         k = torch.relu(self.key(xk)) ** 2
         return torch.sigmoid(self.receptance(xr)) * self.value(k), _last(x, valid)
+
+
+def token_shift(x: torch.Tensor, shift: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor] = None):
+    """shift(x)[t] = x[t - 1]; at t = 0 the previous call's last input (or zeros). With packed
+    sequences (cu_seqlens), every sequence start sees zeros. (B, T, C) -> (B, T, C)."""
+    prev = torch.zeros_like(x[:, 0]) if shift is None else shift.to(x.dtype)
+    out = torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1)
+    if cu_seqlens is not None:
+        out = out.index_fill(1, cu_seqlens[:-1], 0.0)
+    return out
 
 
 def _last(x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
@@ -161,14 +173,15 @@ class Block(nn.Module):
         self.ffn = ChannelMix(cfg, layer_id)
 
     def forward(self, x, state: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
-                backend: str = "auto", valid: Optional[torch.Tensor] = None):
+                backend: str = "auto", valid: Optional[torch.Tensor] = None,
+                cu_seqlens: Optional[torch.Tensor] = None):
         """x: (B, T, C). state: (att_shift (B, C), wkv (B, H, N, N) fp32, ffn_shift (B, C)) or None.
         Returns (x, new_state)."""
         if self.layer_id == 0:
             x = self.ln0(x)
         s_att, s_wkv, s_ffn = (None, None, None) if state is None else state
-        a, s_att, s_wkv = self.att(self.ln1(x), s_att, s_wkv, backend=backend, valid=valid)
+        a, s_att, s_wkv = self.att(self.ln1(x), s_att, s_wkv, backend=backend, valid=valid, cu_seqlens=cu_seqlens)
         x = x + a
-        f, s_ffn = self.ffn(self.ln2(x), s_ffn, valid=valid)
+        f, s_ffn = self.ffn(self.ln2(x), s_ffn, valid=valid, cu_seqlens=cu_seqlens)
         x = x + f
         return x, (s_att, s_wkv, s_ffn)

@@ -151,12 +151,14 @@ class RWKV6(nn.Module):
         scan_perm: Optional[torch.Tensor] = None,
         backend: str = "auto",
         need_state: bool = True,
+        cu_seqlens: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, Optional[RWKVState]]:
         """Blocks + ln_out. inputs_embeds: (B, T, C). Returns (hidden (B, T, C), new state).
 
         valid: (B, T) bool, False on right padding (the state is taken at each row's last real token).
         scan_perm: (B, T) long; odd layers see ``x.gather(1, scan_perm)`` and their output is put
         back with the same gather (the permutation is an involution: it reverses image segments).
+        cu_seqlens: (S + 1,) offsets when S sequences are packed into one row (training; no state).
         """
         x = inputs_embeds
         new_layers: List = []
@@ -169,15 +171,15 @@ class RWKV6(nn.Module):
                 x = x.gather(1, perm_idx)
             layer_state = None if state is None else state.layer(i)
             if self.grad_cp and self.training and torch.is_grad_enabled():
-                x, s = cp.checkpoint(blk, x, layer_state, backend, valid, use_reentrant=False)
+                x, s = cp.checkpoint(blk, x, layer_state, backend, valid, cu_seqlens, use_reentrant=False)
             else:
-                x, s = blk(x, layer_state, backend=backend, valid=valid)
+                x, s = blk(x, layer_state, backend=backend, valid=valid, cu_seqlens=cu_seqlens)
             if reverse:
                 x = x.gather(1, perm_idx)
-            if need_state:
+            if need_state and cu_seqlens is None:
                 new_layers.append(s)
         x = self.ln_out(x)
-        return x, (RWKVState.from_layers(new_layers) if need_state else None)
+        return x, (RWKVState.from_layers(new_layers) if new_layers else None)
 
     def forward(
         self,

@@ -198,30 +198,60 @@ class VisualRWKV(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 pixel_values: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None,
                 has_image: Optional[torch.Tensor] = None, image_embeds: Optional[torch.Tensor] = None,
-                backend: str = "auto", return_logits: bool = False, **_ignored) -> VisualOutput:
+                backend: str = "auto", return_logits: bool = False, pack: bool = False,
+                **_ignored) -> VisualOutput:
         """Training / scoring forward. With labels: loss = mean over rows of the mean next-token
-        cross entropy over the row's supervised tokens (SPEC §5); the head runs only where needed."""
+        cross entropy over the row's supervised tokens (SPEC §5); the head runs only where needed.
+
+        pack=True concatenates the rows' real tokens into one row and runs the WKV kernel with
+        sequence offsets (cu_seqlens), so no compute is spent on padding; the result is the same."""
         if image_embeds is None and pixel_values is not None and pixel_values.shape[0] > 0:
             image_embeds = self.encode_images(pixel_values)
         mm = self.build_inputs(input_ids, lengths, image_embeds, has_image, labels)
-        # No padding mask needed: the model is causal, so right padding cannot reach real positions.
-        hidden, _ = self.rwkv.forward_hidden(mm.embeds, scan_perm=mm.scan_perm, backend=backend, need_state=False)
-        logits = self.rwkv.head(hidden) if return_logits else None
+        B, Tn, _ = mm.embeds.shape
+        if pack:
+            valid = mm.valid
+            lens = mm.lengths
+            offsets = torch.cumsum(lens, 0) - lens  # (B,) start of each row in the packed row
+            cu = torch.cat([lens.new_zeros(1), torch.cumsum(lens, 0)])
+            perm = None if mm.scan_perm is None else (mm.scan_perm + offsets[:, None])[valid].unsqueeze(0)
+            hidden, _ = self.rwkv.forward_hidden(mm.embeds[valid].unsqueeze(0), scan_perm=perm, backend=backend,
+                                                 need_state=False, cu_seqlens=cu)
+            hidden = hidden[0]  # (N, C) real tokens only
+            rows_all = valid.nonzero()[:, 0]  # (N,) row of each packed token
+        else:
+            # No padding mask needed: the model is causal, so right padding cannot reach real positions.
+            hidden, _ = self.rwkv.forward_hidden(mm.embeds, scan_perm=mm.scan_perm, backend=backend,
+                                                 need_state=False)
+        logits = None
+        if return_logits:
+            if pack:
+                logits = hidden.new_zeros(B, Tn, self.rwkv.cfg.vocab_size)
+                logits[mm.valid] = self.rwkv.head(hidden)
+            else:
+                logits = self.rwkv.head(hidden)
         if labels is None:
             return VisualOutput(None, logits, None)
-        B, Tn, _ = hidden.shape
-        target = mm.labels[:, 1:]  # position t predicts token t + 1
-        sel = target != IGNORE_INDEX  # (B, Tn - 1)
-        rows = sel.nonzero()[:, 0]
-        h = hidden[:, :-1][sel]  # (M, C): only the supervised positions reach the head
-        lg = self.rwkv.head(h) if logits is None else logits[:, :-1][sel]
+        # Position t predicts token t + 1; the last position of every row predicts nothing.
+        target = torch.cat([mm.labels[:, 1:], mm.labels.new_full((B, 1), IGNORE_INDEX)], dim=1)  # (B, Tn)
+        if pack:
+            target = target[mm.valid]  # (N,)
+            sel = target != IGNORE_INDEX
+            rows = rows_all[sel]
+            h = hidden[sel]
+            lg = self.rwkv.head(h) if logits is None else logits[mm.valid][sel]
+        else:
+            sel = target != IGNORE_INDEX  # (B, Tn)
+            rows = sel.nonzero()[:, 0]
+            h = hidden[sel]  # (M, C): only the supervised positions reach the head
+            lg = self.rwkv.head(h) if logits is None else logits[sel]
         ce = F.cross_entropy(lg.float(), target[sel], reduction="none")  # (M,)
         per_row = torch.zeros(B, device=ce.device, dtype=ce.dtype).index_add(0, rows, ce)
-        count = sel.sum(1).clamp(min=1).to(ce.dtype)
-        loss = (per_row / count).mean()
+        count = torch.zeros(B, device=ce.device, dtype=ce.dtype).index_add(0, rows, torch.ones_like(ce))
+        loss = (per_row / count.clamp(min=1)).mean()
         if self.l2wrap and self.training and lg.requires_grad:
             loss = L2Wrap.apply(loss, lg, 1e-4 / (B * Tn))
-        return VisualOutput(loss, logits, None, int(sel.sum()))
+        return VisualOutput(loss, logits, None, int(ce.numel()))
 
     @torch.no_grad()
     def prefill(self, input_ids: Sequence[Sequence[int]], pixel_values: Optional[torch.Tensor] = None,

@@ -76,16 +76,40 @@ def wkv6(
     output_final_state: bool = False,
     backend: str = "auto",
     chunk_size: int = 16,
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """WKV6 over a sequence. Returns ``(y, final_state)``; y is (B, T, H, N) in r's dtype,
-    final_state (B, H, N, N) float32 when ``output_final_state`` else None."""
-    _check(r, k, v, w, u, initial_state)
+    final_state (B, H, N, N) float32 when ``output_final_state`` else None.
+
+    cu_seqlens: (S + 1,) offsets of S sequences packed into one row (B must be 1); each sequence
+    starts from its own initial state (``initial_state`` is then (S, H, N, N)) and the final
+    state is per sequence. This lets training skip padding entirely."""
     be = resolve_backend(backend, r.device)
+    if cu_seqlens is not None:
+        return _wkv6_packed(r, k, v, w, u, initial_state, output_final_state, be, chunk_size, cu_seqlens)
+    _check(r, k, v, w, u, initial_state)
     if be == "reference":
         return wkv6_reference(r, k, v, w, u, initial_state, output_final_state)
     if be == "chunked":
         return wkv6_chunked(r, k, v, w, u, initial_state, output_final_state, chunk_size=chunk_size)
     return wkv6_fla(r, k, v, w, u, initial_state, output_final_state)
+
+
+def _wkv6_packed(r, k, v, w, u, initial_state, output_final_state, backend, chunk_size, cu_seqlens):
+    if r.shape[0] != 1:
+        raise ValueError("packed sequences (cu_seqlens) need a batch of one row")
+    if backend == "fla":
+        return wkv6_fla(r, k, v, w, u, initial_state, output_final_state, cu_seqlens=cu_seqlens)
+    # PyTorch backends: one call per sequence (used on CPU and to test the packed path).
+    bounds = cu_seqlens.tolist()
+    ys, states = [], []
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        s0 = None if initial_state is None else initial_state[i:i + 1]
+        y, s = wkv6(r[:, a:b], k[:, a:b], v[:, a:b], w[:, a:b], u, s0, output_final_state, backend, chunk_size)
+        ys.append(y)
+        states.append(s)
+    y = torch.cat(ys, dim=1)
+    return y, (torch.cat(states) if output_final_state else None)
 
 
 def wkv6_reference(r, k, v, w, u, initial_state=None, output_final_state=False):
@@ -175,7 +199,7 @@ def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, ch
     return y.to(dtype), (S if output_final_state else None)
 
 
-def wkv6_fla(r, k, v, w, u, initial_state=None, output_final_state=False):
+def wkv6_fla(r, k, v, w, u, initial_state=None, output_final_state=False, cu_seqlens=None):
     """fla's Triton kernel. RWKV-6 needs scale=1.0 and the log-space decay -exp(w)."""
     from fla.ops.rwkv6 import chunk_rwkv6
 
@@ -185,6 +209,7 @@ def wkv6_fla(r, k, v, w, u, initial_state=None, output_final_state=False):
         scale=1.0,
         initial_state=None if initial_state is None else initial_state.float(),
         output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
     )
     return y.to(r.dtype), (final.float() if (output_final_state and final is not None) else None)
 
