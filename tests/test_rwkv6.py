@@ -152,3 +152,15 @@ def test_unreadable_files_give_one_clear_error(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a readable"):
         load_state_dict_file(str(junk))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_blocks_match_eager_on_gpu():
+    model = random_rwkv6(n_layer=2, n_embd=128).cuda()
+    ids = torch.randint(0, 65536, (2, 40), device="cuda")
+    with torch.no_grad():
+        a, _ = model(ids)
+        model.compile_blocks()
+        b, _ = model(ids)
+    assert rel(b, a) <= 1e-4

@@ -71,6 +71,9 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.gate = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(self.n_head, C, eps=64e-5)  # eps = 1e-5 * head_size_divisor(8)^2
+        # The WKV call; RWKV6.compile_blocks() swaps in a version that torch.compile leaves alone
+        # (the kernels are already fused), so the elementwise work around it gets fused instead.
+        self.wkv_fn = wkv6
 
     def forward(
         self,
@@ -112,7 +115,7 @@ class TimeMix(nn.Module):
             y, new_state = wkv6_step(*(t.view(B, H, N) for t in (r, k, v, w)), u, wkv_state)
             y = y.view(B, 1, C)
         else:
-            y, new_state = wkv6(
+            y, new_state = self.wkv_fn(
                 r.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N), w.view(B, T, H, N), u,
                 initial_state=wkv_state, output_final_state=cu_seqlens is None, backend=backend,
                 cu_seqlens=cu_seqlens,

@@ -129,6 +129,17 @@ class RWKV6(nn.Module):
                 f.value.weight.zero_()
         return self
 
+    def compile_blocks(self, dynamic: bool = True) -> "RWKV6":
+        """Compile each block with torch.compile (GPU training/prefill): fuses the token shift,
+        LoRA mixes, norms and gates into few kernels. The WKV kernel itself runs uncompiled."""
+        from visualrwkv.ops import wkv6
+
+        opaque = torch.compiler.disable(wkv6)
+        for blk in self.blocks:
+            blk.att.wkv_fn = opaque
+            blk.forward = torch.compile(blk.forward, dynamic=dynamic)
+        return self
+
     # ------------------------------------------------------------------------------------------
     def empty_state(self, batch_size: int, device=None, dtype=None) -> RWKVState:
         cfg = self.cfg
