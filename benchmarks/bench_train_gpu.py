@@ -1,0 +1,240 @@
+"""Training-step throughput of VisualRWKV on one CUDA GPU: stage 1 (projector only) and stage 2
+(everything but the token embedding and the frozen tower, AdamW), at a 1.6B shape.
+
+Model: RWKV-6 24 layers x 2048, vocab 65536, random weights (RWKV6Config + init_weights), and a
+random CLIP ViT-L/14-336-shaped tower (1024 wide, 24 layers, 577 tokens; grid_size -1, so 577
+image tokens per sample). Each sample is an image plus ``text_len`` text tokens, the image after
+the first quarter of the text (as with ``--image_position middle``), loss on the last half.
+
+    python benchmarks/bench_train_gpu.py                               # default grid
+    python benchmarks/bench_train_gpu.py --micro_bsz 8,16 --text_len 128,512 --stages 2
+    python benchmarks/bench_train_gpu.py --lightning                   # through pl.Trainer as 'visualrwkv train'
+    python benchmarks/bench_train_gpu.py --tiny                        # small model, runs on the CPU (smoke check)
+
+One step = forward + backward + gradient clipping (1.0) + AdamW step, with the precision of
+``visualrwkv train --precision bf16`` (bf16 autocast, fp32 master weights; ``--precision bf16-true``
+keeps the weights in bf16). Timing: ``--warmup`` steps, then ``--steps`` timed steps between two
+``cuda.synchronize()`` calls. Prints one table row per (stage, micro_bsz, text_len): step time,
+samples/s, tokens/s (image tokens included) and peak GPU memory.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from visualrwkv.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
+
+
+def ints(text: str) -> List[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--micro_bsz", type=ints, default=[8, 16], help="comma-separated micro-batch sizes")
+    p.add_argument("--text_len", type=ints, default=[128, 512], help="comma-separated text lengths (tokens)")
+    p.add_argument("--stages", type=ints, default=[1, 2], help="1 = projector only, 2 = all but the embedding")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per row (kernels, allocator, autotuning)")
+    p.add_argument("--precision", choices=["bf16-mixed", "bf16-true"], default="bf16-mixed")
+    p.add_argument("--grad_cp", type=int, choices=[0, 1], default=0, help="gradient checkpointing per block")
+    p.add_argument("--backend", default="auto", help="WKV6 backend of the model (auto, fla, chunked, ...)")
+    p.add_argument("--lightning", action="store_true",
+                   help="run the steps through lightning's Trainer with the module of 'visualrwkv train'")
+    p.add_argument("--n_layer", type=int, default=24)
+    p.add_argument("--n_embd", type=int, default=2048)
+    p.add_argument("--vocab_size", type=int, default=65536)
+    p.add_argument("--tiny", action="store_true",
+                   help="2 x 64 model, vocab 1024, 32 px tower; runs on the CPU in fp32 (a smoke check, not a benchmark)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+def build_model(a: argparse.Namespace, device: torch.device):
+    import transformers
+
+    from visualrwkv.layers.rwkv6 import RWKV6Config
+    from visualrwkv.models.rwkv6 import RWKV6
+    from visualrwkv.models.visualrwkv import VisualRWKV
+
+    transformers.logging.set_verbosity_error()
+    if a.tiny:
+        cfg = RWKV6Config(n_layer=2, n_embd=64, vocab_size=1024)
+        vcfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=32, patch_size=8)
+    else:
+        cfg = RWKV6Config(n_layer=a.n_layer, n_embd=a.n_embd, vocab_size=a.vocab_size)
+        vcfg = transformers.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                             num_attention_heads=16, image_size=336, patch_size=14)
+    torch.manual_seed(0)
+    rwkv = RWKV6(cfg).init_weights(0)  # on the CPU: init_weights draws from a CPU generator
+    vit = transformers.CLIPVisionModel(vcfg)
+    model = VisualRWKV(rwkv, vit, vcfg.hidden_size, grid_size=-1, num_patches=(vcfg.image_size // vcfg.patch_size) ** 2)
+    dtype = torch.bfloat16 if a.precision == "bf16-true" and not a.tiny else torch.float32
+    return model.to(device=device, dtype=dtype), vcfg
+
+
+def freeze(model, stage: int) -> List[torch.nn.Parameter]:
+    """Stage 1: projector; stage 2: projector + blocks + ln_out + head (never emb, never the tower)."""
+    model.requires_grad_(False)
+    model.proj.requires_grad_(True)
+    if stage == 2:
+        model.rwkv.blocks.requires_grad_(True)
+        model.rwkv.ln_out.requires_grad_(True)
+        model.rwkv.head.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_batch(B: int, text_len: int, image_size: int, vocab: int, device, gen: torch.Generator) -> Dict:
+    """B samples of text_len ids with one image placeholder after the first quarter; labels on the
+    last half. Shapes: input_ids/labels (B, text_len + 1), pixel_values (B, 3, S, S)."""
+    ids = torch.randint(1, vocab, (B, text_len + 1), generator=gen)
+    pos = max(1, text_len // 4)
+    ids[:, pos] = IMAGE_TOKEN_INDEX
+    labels = ids.clone()
+    labels[:, : (text_len + 1) // 2] = IGNORE_INDEX
+    labels[:, pos] = IGNORE_INDEX
+    return {"input_ids": ids.to(device), "labels": labels.to(device),
+            "lengths": torch.full((B,), text_len + 1, dtype=torch.long, device=device),
+            "has_image": torch.ones(B, dtype=torch.bool, device=device),
+            "pixel_values": torch.randn(B, 3, image_size, image_size, generator=gen).to(device)}
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------
+def time_raw(model, params, batch, a, device) -> float:
+    """Seconds per step of a plain loop doing what Lightning's automatic optimization does."""
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
+                            fused=True if device.type == "cuda" else None)
+    autocast = device.type == "cuda" and a.precision == "bf16-mixed"
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = model(input_ids=batch["input_ids"], labels=batch["labels"], pixel_values=batch["pixel_values"],
+                        lengths=batch["lengths"], backend=a.backend)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(a.warmup):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    sync(device)
+    dt = (time.perf_counter() - t0) / a.steps
+    del opt
+    return dt
+
+
+def time_lightning(model, batch, a, device) -> float:
+    """Seconds per step through pl.Trainer with VisualRWKVTrainModule (the 'visualrwkv train' step)."""
+    import lightning.pytorch as pl
+
+    from visualrwkv.train.config import TrainConfig
+    from visualrwkv.train.module import VisualRWKVTrainModule
+
+    cpu_batch = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in batch.items()}
+    n = a.warmup + a.steps
+    # The same CPU batch every step (batch_size=None: no collation); Lightning moves it to the GPU
+    # each step, as in training.
+    loader = torch.utils.data.DataLoader([cpu_batch] * n, batch_size=None, pin_memory=device.type == "cuda")
+    cfg = TrainConfig(data_file="-", lr_init=1e-5, weight_decay=0.0)
+    trainable = [n_ for n_, p in model.named_parameters() if p.requires_grad]
+    module = VisualRWKVTrainModule(model, cfg, trainable)
+
+    class Timer(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, b, batch_idx):
+            if batch_idx == a.warmup:
+                sync(device)
+                self.t0 = time.perf_counter()
+
+        def on_train_end(self, trainer, pl_module):
+            sync(device)
+            self.dt = (time.perf_counter() - self.t0) / a.steps
+
+    timer = Timer()
+    precision = "32-true" if device.type != "cuda" else a.precision
+    trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
+                         max_steps=n, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+                         num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=loader)
+    return timer.dt
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    a = parse(argv)
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-row Trainer banners
+    if not a.tiny and not torch.cuda.is_available():
+        print("bench_train_gpu.py: no CUDA GPU found; nothing to measure here "
+              "(use --tiny for a CPU smoke run of the same code)", file=sys.stderr)
+        return 0
+    device = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
+    if a.tiny:
+        a.micro_bsz = [min(b, 2) for b in a.micro_bsz][:1]
+        a.text_len = [min(t, 32) for t in a.text_len][:1]
+        a.steps, a.warmup = min(a.steps, 2), min(a.warmup, 1)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    t0 = time.perf_counter()
+    model, vcfg = build_model(a, device)
+    model.rwkv.grad_cp = bool(a.grad_cp)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"# {name}; model {model.rwkv.cfg.n_layer} x {model.rwkv.cfg.n_embd}, vocab {model.rwkv.cfg.vocab_size}, "
+          f"{n_params / 1e9:.2f}B parameters incl. tower; {model.n_image_tokens} image tokens/sample; "
+          f"precision {a.precision if device.type == 'cuda' else 'fp32'}; grad_cp {a.grad_cp}; "
+          f"{'lightning' if a.lightning else 'plain loop'}; built in {time.perf_counter() - t0:.0f}s")
+    header = f"{'stage':>5} {'micro_bsz':>9} {'text_len':>8} {'seq_len':>7} {'step_ms':>9} {'samples/s':>10} " \
+             f"{'tokens/s':>10} {'peak_GiB':>9}"
+    print(header)
+    print("-" * len(header))
+    gen = torch.Generator().manual_seed(0)
+    for stage in a.stages:
+        params = freeze(model, stage)
+        for B in a.micro_bsz:
+            for T in a.text_len:
+                seq = T + model.n_image_tokens  # placeholder replaced by the image tokens
+                batch = make_batch(B, T, vcfg.image_size, model.rwkv.cfg.vocab_size, device, gen)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    dt = time_lightning(model, batch, a, device) if a.lightning else \
+                        time_raw(model, params, batch, a, device)
+                except torch.cuda.OutOfMemoryError:
+                    print(f"{stage:>5} {B:>9} {T:>8} {seq:>7} {'OOM':>9}")
+                    model.zero_grad(set_to_none=True)
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    continue
+                peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+                print(f"{stage:>5} {B:>9} {T:>8} {seq:>7} {dt * 1e3:>9.1f} {B / dt:>10.2f} {B * seq / dt:>10.0f} "
+                      f"{peak:>9.2f}", flush=True)
+                model.zero_grad(set_to_none=True)
+                del batch
+                gc.collect()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+"""End-to-end tests of ``visualrwkv train`` on the CPU with a tiny model (2 layers x 64, the tiny
+CLIP tower of tests/utils.py) and tiny synthetic LLaVA records with 32 px PNGs.
+
+Covered: stage 1 changes nothing but the projector (bit for bit); stage 2 trains exactly what the
+freeze flags say and never the embedding; an overfit run drives the loss down; a run stopped after
+k steps and resumed equals an uninterrupted one (losses step for step, final weights, with dropout
+so the random state matters); 2 DDP processes equal 1 process with a doubled micro-batch; the
+saved rwkv-<epoch>.pth loads back strictly with identical logits; user mistakes end in one line
+with exit code 2; bad records are refused up front or skipped and counted.
+"""
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from utils import make_tiny_tower, random_rwkv6
+
+from visualrwkv.checkpoint import load_state_dict_file, save_state_dict_file
+from visualrwkv.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (240, 210, 20)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two cores shared with other work: one intra-op thread is far faster than two spinning ones.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _write_records(root, n_image=16, n_text=2):
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    names = list(COLOURS)
+    recs = []
+    for i in range(n_image):
+        name = names[i % len(names)]
+        arr = np.zeros((32, 32, 3), np.uint8)
+        arr[:] = COLOURS[name]
+        arr[8 + i % 8: 20 + i % 8, 4:12] = 255  # a white bar so the images differ
+        Image.fromarray(arr).save(os.path.join(root, "images", f"img{i}.png"))
+        recs.append({"id": f"img{i}", "image": f"img{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the picture?"},
+            {"from": "gpt", "value": f"It is {name}."}]})
+    for i in range(n_text):
+        recs.append({"id": f"txt{i}", "conversations": [{"from": "human", "value": f"Count to {i + 2}."},
+                                                       {"from": "gpt", "value": " ".join(map(str, range(1, i + 3)))}]})
+    return recs
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("train"))
+    recs = _write_records(root)
+    with open(os.path.join(root, "data.json"), "w") as f:
+        json.dump(recs, f)
+    rwkv = random_rwkv6(n_layer=2, n_embd=64, seed=3)
+    save_state_dict_file(rwkv.state_dict(), os.path.join(root, "rwkv.pth"))
+    make_tiny_tower(os.path.join(root, "tower"))
+    return root
+
+
+def _args(env, proj, *extra, stage1=True):
+    a = ["--data_file", f"{env}/data.json", "--image_folder", f"{env}/images", "--vision_tower_name",
+         f"{env}/tower", "--proj_dir", proj, "--ctx_len", "64", "--grid_size", "-1", "--image_position", "middle",
+         "--accelerator", "cpu", "--devices", "1", "--precision", "fp32", "--enable_progress_bar", "0",
+         "--log_every_n_steps", "1", "--lr_init", "2e-3", "--lr_final", "5e-4", "--warmup_steps", "0",
+         "--random_seed", "1"]
+    if stage1:
+        a += ["--load_model", f"{env}/rwkv.pth", "--freeze_rwkv", "2"]
+    return a + [str(x) for x in extra]
+
+
+def _run(argv):
+    from visualrwkv.train.cli import train
+    from visualrwkv.train.config import parse_args
+
+    return train(parse_args(argv))
+
+
+def _step_losses(proj):
+    """Per-optimizer-step losses from the CSV logs of every run in proj (resumed runs add a version)."""
+    rows = {}
+    for path in sorted(glob.glob(os.path.join(proj, "logs", "version_*", "metrics.csv"))):
+        with open(path) as f:
+            for r in csv.DictReader(f):
+                if r.get("loss"):
+                    rows[int(r["step"])] = float(r["loss"])
+    return [rows[k] for k in sorted(rows)]
+
+
+def _epoch_lines(proj):
+    with open(os.path.join(proj, "train_log.txt")) as f:
+        return [l.split() for l in f if l[:1].isdigit()]
+
+
+def _tower_sd(env):
+    from visualrwkv.models import vision
+
+    return vision.load_vision_model(f"{env}/tower").state_dict()
+
+
+# ---------------------------------------------------------------------------------------------- stage 1
+@pytest.fixture(scope="module")
+def stage1(env, tmp_path_factory):
+    proj = str(tmp_path_factory.mktemp("s1"))
+    res = _run(_args(env, proj, "--epoch_steps", 3, "--epoch_count", 2, "--epoch_save", 0, "--micro_bsz", 3))
+    return proj, res
+
+
+def test_stage1_changes_only_the_projector(env, stage1):
+    from visualrwkv.models.visualrwkv import VisualRWKV
+
+    proj, res = stage1
+    assert sorted(os.path.basename(p) for p in glob.glob(f"{proj}/rwkv-*.pth")) == ["rwkv-1.pth"]  # epoch_save 0
+    sd = load_state_dict_file(f"{proj}/rwkv-1.pth")
+    start = VisualRWKV.from_rwkv(f"{env}/rwkv.pth", f"{env}/tower", -1, seed=1).state_dict()
+    assert set(sd) == set(start)
+    assert any(k.startswith("vit.") for k in sd) and any(k.startswith("rwkv.") for k in sd)
+    assert not torch.equal(sd["proj.weight"], start["proj.weight"])
+    for k in start:
+        if k != "proj.weight":
+            assert torch.equal(sd[k], start[k]), k  # bit-identical
+    # and against the input files themselves
+    rwkv = load_state_dict_file(f"{env}/rwkv.pth")
+    for k, v in rwkv.items():
+        assert torch.equal(sd["rwkv." + k], v), k
+    for k, v in _tower_sd(env).items():
+        assert torch.equal(sd["vit." + k], v), k
+    # outputs: one train_log line per mini-epoch, CSV metrics, the resumable state
+    lines = _epoch_lines(proj)
+    assert [l[0] for l in lines] == ["0", "1"]
+    assert float(lines[1][2]) == pytest.approx(np.exp(float(lines[1][1])), rel=1e-3)  # perplexity
+    assert len(_step_losses(proj)) == 6
+    assert os.path.exists(f"{proj}/last.ckpt") and os.path.exists(f"{proj}/data_check.json")
+    state = torch.load(f"{proj}/last.ckpt", map_location="cpu", weights_only=True)
+    assert list(state["state_dict"]) == ["model.proj.weight"]  # frozen weights are not in the state
+
+
+def test_saved_weights_load_back_strictly_with_identical_logits(env, stage1):
+    from visualrwkv.models.visualrwkv import VisualRWKV
+
+    proj, res = stage1
+    trained = res.module.model.eval()
+    loaded = VisualRWKV.from_checkpoint(f"{proj}/rwkv-1.pth", f"{env}/tower", -1).eval()
+    ids = torch.tensor([[24281, 59, 33, -200, 261, 5585, 41693, 59, 1000, 2000]])
+    pix = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        a = trained(ids, pixel_values=pix, return_logits=True).logits
+        b = loaded(ids, pixel_values=pix, return_logits=True).logits
+    assert torch.equal(a, b)
+    # strict: a file with a key removed is refused with the key named
+    sd = load_state_dict_file(f"{proj}/rwkv-1.pth")
+    del sd["rwkv.blocks.1.att.key.weight"]
+    save_state_dict_file(sd, f"{proj}/broken.pth")
+    with pytest.raises(UserError, match="rwkv.blocks.1.att.key.weight"):
+        VisualRWKV.from_checkpoint(f"{proj}/broken.pth", f"{env}/tower", -1)
+
+
+# ---------------------------------------------------------------------------------------------- stage 2
+def test_stage2_trains_exactly_per_freeze_flags(env, stage1, tmp_path):
+    proj1, _ = stage1
+    proj = str(tmp_path / "s2")
+    argv = _args(env, proj, "--model_path", f"{proj1}/rwkv-1.pth", "--freeze_rwkv", 1, "--freeze_proj", 1,
+                 "--epoch_steps", 3, "--epoch_count", 1, "--micro_bsz", 2, "--weight_decay", 0.01, stage1=False)
+    _run(argv)
+    before = load_state_dict_file(f"{proj1}/rwkv-1.pth")
+    after = load_state_dict_file(f"{proj}/rwkv-0.pth")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    expected = {k for k in before if k.startswith(("rwkv.blocks.1.", "rwkv.ln_out.", "rwkv.head."))}
+    assert changed == expected
+    assert "rwkv.emb.weight" not in changed and "proj.weight" not in changed
+
+
+def test_stage2_default_freezing_never_trains_embedding(env, stage1, tmp_path):
+    proj1, _ = stage1
+    proj = str(tmp_path / "s2b")
+    res = _run(_args(env, proj, "--model_path", f"{proj1}/rwkv-1.pth", "--freeze_rwkv", 0, "--epoch_steps", 2,
+                     "--epoch_count", 1, "--micro_bsz", 2, "--grad_cp", 1, stage1=False))
+    assert res.module.model.rwkv.grad_cp is True
+    before = load_state_dict_file(f"{proj1}/rwkv-1.pth")
+    after = load_state_dict_file(f"{proj}/rwkv-0.pth")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    learnable = {k for k in before if k.startswith(("rwkv.", "proj.")) and k != "rwkv.emb.weight"}
+    assert changed == learnable
+    assert torch.equal(before["rwkv.emb.weight"], after["rwkv.emb.weight"])
+
+
+def test_overfit_loss_falls(env, tmp_path):
+    # Four records, projector + blocks + head learn: the loss must fall well below its start.
+    root = str(tmp_path / "small")
+    recs = _write_records(root, n_image=4, n_text=0)
+    with open(f"{root}/data.json", "w") as f:
+        json.dump(recs, f)
+    proj = str(tmp_path / "fit")
+    argv = _args(env, proj, "--load_model", f"{env}/rwkv.pth", "--freeze_rwkv", 0, "--epoch_steps", 8,
+                 "--epoch_count", 3, "--micro_bsz", 4, "--lr_init", 3e-3, "--lr_final", 1e-3, stage1=False)
+    argv[argv.index("--data_file") + 1] = f"{root}/data.json"
+    argv[argv.index("--image_folder") + 1] = f"{root}/images"
+    _run(argv)
+    losses = _step_losses(proj)
+    assert len(losses) == 24
+    assert losses[-1] < 0.35 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("k", [1, 2])  # stopped inside mini-epoch 0 / exactly at its end
+def test_resume_equals_uninterrupted(env, tmp_path, k):
+    # Stage-2-like (blocks 1.., head, projector learn) so optimizer moments matter; dropout so the
+    # random state matters; accumulation 2 -> 2 optimizer steps per mini-epoch of 4 micro-steps.
+    common = ["--freeze_rwkv", 1, "--epoch_steps", 4, "--epoch_count", 2, "--epoch_save", 1, "--micro_bsz", 2,
+              "--accumulate_grad_batches", 2, "--dropout", 0.2, "--weight_decay", 0.05, "--weight_decay_final",
+              0.01, "--warmup_steps", 2]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    _run(_args(env, full, "--load_model", f"{env}/rwkv.pth", *common, stage1=False))
+    _run(_args(env, part, "--load_model", f"{env}/rwkv.pth", *common, "--max_steps", k, stage1=False))
+    assert len(_step_losses(part)) == k
+    assert not os.path.exists(f"{part}/rwkv-1.pth")
+    res = _run(_args(env, part, "--load_model", f"{env}/rwkv.pth", *common, stage1=False))  # same command again
+    assert res is not None
+    a, b = _step_losses(full), _step_losses(part)
+    assert len(a) == 4 and a == b  # step for step, exactly
+    assert [l[:4] for l in _epoch_lines(full)] == [l[:4] for l in _epoch_lines(part)]
+    for name in ("rwkv-0.pth", "rwkv-1.pth"):
+        x, y = load_state_dict_file(f"{full}/{name}"), load_state_dict_file(f"{part}/{name}")
+        assert x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x), name
+    # A finished run started again does nothing.
+    assert _run(_args(env, part, "--load_model", f"{env}/rwkv.pth", *common, stage1=False)) is None
+
+
+def test_resume_refuses_other_sample_order(env, stage1):
+    proj, _ = stage1
+    # same proj_dir, other micro-batch size: the saved position would mean other samples
+    with pytest.raises(UserError, match="micro_bsz"):
+        _run(_args(env, proj, "--epoch_steps", 3, "--epoch_count", 3, "--micro_bsz", 2))
+
+
+def test_resume_refuses_other_frozen_weights(env, tmp_path):
+    proj = str(tmp_path / "fz")
+    _run(_args(env, proj, "--epoch_steps", 3, "--epoch_count", 1, "--micro_bsz", 2, "--max_steps", 1))
+    other = random_rwkv6(n_layer=2, n_embd=64, seed=4)
+    save_state_dict_file(other.state_dict(), str(tmp_path / "other.pth"))
+    argv = _args(env, proj, "--epoch_steps", 3, "--epoch_count", 1, "--micro_bsz", 2)
+    argv[argv.index("--load_model") + 1] = str(tmp_path / "other.pth")
+    with pytest.raises(UserError, match="frozen weights differ"):
+        _run(argv)
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+def _cli(argv, **kw):
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "visualrwkv.cli", "train", *map(str, argv)], cwd=REPO, env=e,
+                          capture_output=True, text=True, **kw)
+
+
+def test_ddp_two_processes_equal_one_with_double_batch(env, tmp_path):
+    common = ["--freeze_rwkv", 1, "--epoch_steps", 3, "--epoch_count", 1, "--warmup_steps", 0]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _run(_args(env, one, "--load_model", f"{env}/rwkv.pth", *common, "--micro_bsz", 4, stage1=False))
+    argv = _args(env, two, "--load_model", f"{env}/rwkv.pth", *common, "--micro_bsz", 2, stage1=False)
+    argv[argv.index("--devices") + 1] = "2"
+    r = _cli(argv + ["--strategy", "ddp"], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _step_losses(one), _step_losses(two)
+    assert len(a) == len(b) == 3
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+    x, y = load_state_dict_file(f"{one}/rwkv-0.pth"), load_state_dict_file(f"{two}/rwkv-0.pth")
+    for n in x:
+        torch.testing.assert_close(y[n], x[n], rtol=1e-4, atol=1e-5)
+    assert float(_epoch_lines(two)[0][1]) == pytest.approx(float(_epoch_lines(one)[0][1]), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- mistakes
+def _main(argv, capsys):
+    from visualrwkv.cli import main
+
+    code = main(["train", *map(str, argv)])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def test_user_mistakes_one_line_exit_2(env, tmp_path, capsys):
+    proj = str(tmp_path / "m")
+    cases = [
+        (_args(env, proj) + ["--bogus_flag", "1"], "--bogus_flag"),
+        (_args(env, proj) + ["--model_path", f"{env}/rwkv.pth"], "--model_path"),  # both sources
+        (_args(env, proj) + ["--weight_decay_final", "0.1"], "--weight_decay_final"),
+    ]
+    missing = _args(env, proj)
+    missing[missing.index("--data_file") + 1] = f"{env}/nope.json"
+    cases.append((missing, "nope.json"))
+    wrong_dims = _args(env, proj) + ["--n_embd", "128", "--n_layer", "2"]
+    cases.append((wrong_dims, "--n_embd 128"))
+    for argv, word in cases:
+        code, err = _main(argv, capsys)
+        assert code == 2, argv
+        assert len(err) == 1 and word in err[0] and err[0].startswith("visualrwkv train: error:"), err
+
+
+def test_cli_subprocess_no_traceback(env, tmp_path):
+    r = _cli(["--data_file", f"{env}/missing.json", "--load_model", f"{env}/rwkv.pth", "--proj_dir",
+              str(tmp_path / "x")], timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "missing.json" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = _cli(["--help"], timeout=120)
+    assert r.returncode == 0 and "stage 1" in r.stdout and "stage 2" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------- bad data
+def test_bad_records_refused_up_front_or_skipped(env, tmp_path):
+    root = str(tmp_path / "bad")
+    recs = _write_records(root, n_image=8, n_text=1)
+    with open(f"{root}/images/img3.png", "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\nnot really")  # corrupt
+    os.remove(f"{root}/images/img5.png")  # missing
+    recs.append({"id": "two_images", "image": "img1.png", "conversations": [
+        {"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "x"}]})
+    with open(f"{root}/data.json", "w") as f:
+        json.dump(recs, f)
+    proj = str(tmp_path / "p")
+    argv = _args(env, proj, "--epoch_steps", 2, "--epoch_count", 2, "--micro_bsz", 3)
+    argv[argv.index("--data_file") + 1] = f"{root}/data.json"
+    argv[argv.index("--image_folder") + 1] = f"{root}/images"
+    with pytest.raises(UserError) as e:
+        _run(argv)
+    msg = str(e.value)
+    assert "3 record(s)" in msg and "img3" in msg and "img5" in msg and "two_images" in msg
+    assert not os.path.exists(f"{proj}/last.ckpt")  # refused before training
+    _run(argv + ["--bad_records", "skip"])
+    with open(f"{proj}/train_log.txt") as f:
+        log = f.read()
+    assert "used 7" in log and "skipped_bad 3" in log
+    assert len(_epoch_lines(proj)) == 2
+
+
+def test_from_scratch_defines_model_from_flags(env, tmp_path):
+    proj = str(tmp_path / "scratch")
+    # (3 steps: the published init zeroes the output projections, so nothing reaches the image
+    # tokens before the first update.)
+    res = _run(_args(env, proj, "--n_layer", 2, "--n_embd", 64, "--vocab_size", 65536, "--epoch_steps", 3,
+                     "--epoch_count", 1, "--micro_bsz", 2, "--freeze_rwkv", 0, "--train_vit", 1, stage1=False))
+    m = res.module.model
+    assert (m.rwkv.cfg.n_layer, m.rwkv.cfg.n_embd) == (2, 64)
+    sd = load_state_dict_file(f"{proj}/rwkv-0.pth")
+    tower = _tower_sd(env)
+    # --train_vit 1: the tower learned too
+    assert any(not torch.equal(sd["vit." + k], v) for k, v in tower.items() if v.is_floating_point())

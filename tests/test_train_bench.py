@@ -1,0 +1,33 @@
+"""benchmarks/bench_train_gpu.py: exits cleanly without a GPU, and its --tiny mode runs on the CPU."""
+import os
+import subprocess
+import sys
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "benchmarks", "bench_train_gpu.py")
+
+
+def _run(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, BENCH, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_bench_without_gpu_exits_cleanly():
+    if torch.cuda.is_available():
+        return  # on a GPU machine the default run is the real (long) benchmark
+    r = _run()
+    assert r.returncode == 0 and "no CUDA GPU" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_tiny_smoke():
+    r = _run("--tiny", "--lightning")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [l.split() for l in r.stdout.splitlines() if l.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["1", "2"]  # stage 1 and stage 2
+    for row in rows:
+        assert float(row[4]) > 0 and float(row[6]) > 0  # step_ms, tokens/s
+    r = _run("--tiny")
+    assert r.returncode == 0 and len([l for l in r.stdout.splitlines() if l.strip()[:1].isdigit()]) == 2

@@ -1,0 +1,149 @@
+"""Building the model to train and deciding what learns (SPEC §7).
+
+Sources, as the original flags:
+
+- ``--model_path M``: a VisualRWKV file (``rwkv.*``, ``proj.weight``, ``vit.*``), loaded strictly;
+- ``--load_model R``: an RWKV-6 file; the tower comes from ``--vision_tower_name`` and the
+  projector is new (stage 1);
+- neither: a new RWKV-6 of the ``--n_layer/--n_embd/...`` flags with the published init (the
+  quickstart trains a tiny one this way).
+
+Freezing: the vision tower always (unless ``--train_vit 1``), the token embedding always;
+``--freeze_rwkv N`` = n_layer freezes the whole language model, N < n_layer blocks 0..N-1;
+``--freeze_proj 1`` the projector.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from visualrwkv.errors import UserError
+
+SCRATCH_DEFAULTS = dict(n_layer=6, n_embd=512, vocab_size=65536, head_size=64)  # the original's defaults
+
+
+def _check_dims(cfg, model_cfg, source: str) -> None:
+    """The compatibility flags, when given, must agree with the checkpoint; one message for all."""
+    wrong = []
+    C = model_cfg.n_embd
+    checks = [("n_layer", cfg.n_layer, model_cfg.n_layer), ("n_embd", cfg.n_embd, C),
+              ("vocab_size", cfg.vocab_size or None, model_cfg.vocab_size),
+              ("dim_att", cfg.dim_att or None, C), ("dim_ffn", cfg.dim_ffn or None, model_cfg.dim_ffn),
+              ("head_size_a", cfg.head_size_a, model_cfg.head_size)]
+    for flag, given, actual in checks:
+        if given is not None and given != actual:
+            wrong.append(f"--{flag} {given} (the model has {actual})")
+    if wrong:
+        raise UserError(f"{source} does not match the given model flags: {', '.join(wrong)}; the dimensions are "
+                        "read from the checkpoint, so these flags can be left out")
+
+
+def scratch_config(cfg):
+    """RWKV6Config for a model trained from scratch, from the flags (original defaults)."""
+    from visualrwkv.layers.rwkv6 import RWKV6Config
+
+    n_embd = cfg.n_embd or SCRATCH_DEFAULTS["n_embd"]
+    head = cfg.head_size_a or SCRATCH_DEFAULTS["head_size"]
+    if cfg.dim_att and cfg.dim_att != n_embd:
+        raise UserError(f"--dim_att {cfg.dim_att} must equal --n_embd {n_embd} for RWKV-6")
+    try:
+        return RWKV6Config(n_layer=cfg.n_layer or SCRATCH_DEFAULTS["n_layer"], n_embd=n_embd,
+                           vocab_size=cfg.vocab_size or SCRATCH_DEFAULTS["vocab_size"], head_size=head,
+                           dim_ffn=cfg.dim_ffn or None)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def build_model(cfg):
+    """A VisualRWKV in float32 on the CPU (Lightning moves it and applies the precision)."""
+    from visualrwkv.models.visualrwkv import VisualRWKV
+
+    # Fail on a bad --grid_size before loading gigabytes of weights (too large a grid for the
+    # tower is found when the tower is known, below).
+    if cfg.grid_size < -1:
+        raise UserError(f"--grid_size must be -1, 0, 1 or >= 2; got {cfg.grid_size}")
+    # The projector's init (and a model from scratch) depend on the seed; -1 (no global seed, as the
+    # original) still gives a reproducible start.
+    seed = cfg.random_seed if cfg.random_seed >= 0 else 0
+    source = cfg.model_path or cfg.load_model
+    if source:
+        # Read the dimensions off the file (memory-mapped: no weights are read) and check the
+        # compatibility flags before loading anything.
+        from visualrwkv.checkpoint import config_from_state_dict, language_model_part, load_state_dict_file
+
+        _check_dims(cfg, config_from_state_dict(language_model_part(load_state_dict_file(source)), source), source)
+    try:
+        if cfg.model_path:
+            model = VisualRWKV.from_checkpoint(cfg.model_path, cfg.vision_tower_name, cfg.grid_size,
+                                               dtype=torch.float32)
+            source = cfg.model_path
+        elif cfg.load_model:
+            model = VisualRWKV.from_rwkv(cfg.load_model, cfg.vision_tower_name, cfg.grid_size,
+                                         dtype=torch.float32, seed=seed)
+            source = cfg.load_model
+        else:
+            from visualrwkv.models.rwkv6 import RWKV6
+
+            rwkv = RWKV6(scratch_config(cfg)).init_weights(seed)
+            model = VisualRWKV.from_rwkv(rwkv, cfg.vision_tower_name, cfg.grid_size, dtype=torch.float32, seed=seed)
+            source = None
+    except ValueError as e:  # e.g. a grid size larger than the tower's patch grid
+        raise UserError(str(e)) from None
+    if source is not None:
+        _check_dims(cfg, model.rwkv.cfg, source)
+    # From here on the flags describe the real model (logged in train_log.txt and the state).
+    mc = model.rwkv.cfg
+    cfg.n_layer, cfg.n_embd, cfg.vocab_size = mc.n_layer, mc.n_embd, mc.vocab_size
+    cfg.dim_att, cfg.dim_ffn, cfg.head_size_a = mc.n_embd, mc.dim_ffn, mc.head_size
+    return model
+
+
+def apply_freezing(model, cfg) -> List[str]:
+    """Set requires_grad by the freeze flags; returns the names of the trainable parameters."""
+    L = model.rwkv.cfg.n_layer
+    if cfg.freeze_rwkv > L:
+        raise UserError(f"--freeze_rwkv {cfg.freeze_rwkv} is more than the model's {L} layers")
+    model.requires_grad_(False)
+    if cfg.freeze_rwkv < L:
+        # Blocks from freeze_rwkv on, and the output side (ln_out, head). Never the embedding.
+        for blk in model.rwkv.blocks[cfg.freeze_rwkv:]:
+            blk.requires_grad_(True)
+        model.rwkv.ln_out.requires_grad_(True)
+        model.rwkv.head.requires_grad_(True)
+    if not cfg.freeze_proj:
+        model.proj.requires_grad_(True)
+    if cfg.train_vit:
+        if model.vit is None:
+            raise UserError("--train_vit 1 but the model has no vision tower")
+        model.freeze_vit = False  # encode_images then keeps the graph through the tower
+        model.vit.requires_grad_(True)
+    else:
+        model.freeze_vit = True
+        if model.vit is not None:
+            model.vit.requires_grad_(False)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not names:
+        raise UserError(f"nothing to train: --freeze_rwkv {cfg.freeze_rwkv} freezes the whole language model and "
+                        "--freeze_proj 1 the projector")
+    return names
+
+
+def add_input_dropout(model, p: float) -> Optional[torch.utils.hooks.RemovableHandle]:
+    """The original's ``--dropout``: dropout on the spliced embeddings entering block 0 (training only).
+
+    A forward pre-hook on block 0 rather than a change to the model, so inference code never sees
+    it. With ``--grad_cp 1`` the block is re-run in backward with the same RNG state (checkpoint
+    preserves it), so the mask is the same."""
+    if p <= 0:
+        return None
+    block0 = model.rwkv.blocks[0]
+
+    def hook(module: nn.Module, args):
+        if not module.training:
+            return None
+        return (F.dropout(args[0], p=p, training=True),) + tuple(args[1:])
+
+    return block0.register_forward_pre_hook(hook)
