@@ -9,13 +9,15 @@ the first quarter of the text (as with ``--image_position middle``), loss on the
     python benchmarks/bench_train_gpu.py                               # default grid
     python benchmarks/bench_train_gpu.py --micro_bsz 8,16 --text_len 128,512 --stages 2
     python benchmarks/bench_train_gpu.py --lightning                   # through pl.Trainer as 'visualrwkv train'
+    python benchmarks/bench_train_gpu.py --ragged --pack 0             # padded batches, padding computed
+    python benchmarks/bench_train_gpu.py --compile 1 --grad_cp 1       # torch.compile'd blocks, checkpointing
     python benchmarks/bench_train_gpu.py --tiny                        # small model, runs on the CPU (smoke check)
 
 One step = forward + backward + gradient clipping (1.0) + AdamW step, with the precision of
 ``visualrwkv train --precision bf16`` (bf16 autocast, fp32 master weights; ``--precision bf16-true``
 keeps the weights in bf16). Timing: ``--warmup`` steps, then ``--steps`` timed steps between two
 ``cuda.synchronize()`` calls. Prints one table row per (stage, micro_bsz, text_len): step time,
-samples/s, tokens/s (image tokens included) and peak GPU memory.
+samples/s, tokens/s (real tokens with the image tokens, padding not counted) and peak GPU memory.
 """
 from __future__ import annotations
 
@@ -47,6 +49,11 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["bf16-mixed", "bf16-true"], default="bf16-mixed")
     p.add_argument("--grad_cp", type=int, choices=[0, 1], default=0, help="gradient checkpointing per block")
     p.add_argument("--backend", default="auto", help="WKV6 backend of the model (auto, fla, chunked, ...)")
+    p.add_argument("--pack", type=int, choices=[0, 1], default=1,
+                   help="1: packed rows (the training default on CUDA); with --ragged it skips the padding")
+    p.add_argument("--ragged", action="store_true",
+                   help="samples of different lengths (text_len/2 .. text_len), so a batch has padding")
+    p.add_argument("--compile", type=int, choices=[0, 1], default=0, help="torch.compile the RWKV blocks")
     p.add_argument("--lightning", action="store_true",
                    help="run the steps through lightning's Trainer with the module of 'visualrwkv train'")
     p.add_argument("--n_layer", type=int, default=24)
@@ -93,17 +100,27 @@ def freeze(model, stage: int) -> List[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def make_batch(B: int, text_len: int, image_size: int, vocab: int, device, gen: torch.Generator) -> Dict:
-    """B samples of text_len ids with one image placeholder after the first quarter; labels on the
-    last half. Shapes: input_ids/labels (B, text_len + 1), pixel_values (B, 3, S, S)."""
+def make_batch(B: int, text_len: int, image_size: int, vocab: int, device, gen: torch.Generator,
+               ragged: bool = False) -> Dict:
+    """B samples of text_len ids (ragged: text_len/2 .. text_len, right-padded with 0) with one image
+    placeholder after the first quarter; labels on the last half of each sample.
+    Shapes: input_ids/labels (B, text_len + 1), lengths (B,), pixel_values (B, 3, S, S)."""
     ids = torch.randint(1, vocab, (B, text_len + 1), generator=gen)
+    if ragged:
+        lengths = torch.randint(text_len // 2, text_len + 1, (B,), generator=gen) + 1
+        lengths[0] = text_len + 1  # the longest sets the padded width
+    else:
+        lengths = torch.full((B,), text_len + 1, dtype=torch.long)
     pos = max(1, text_len // 4)
     ids[:, pos] = IMAGE_TOKEN_INDEX
     labels = ids.clone()
-    labels[:, : (text_len + 1) // 2] = IGNORE_INDEX
+    for b in range(B):
+        n = int(lengths[b])
+        ids[b, n:] = 0
+        labels[b, n:] = IGNORE_INDEX
+        labels[b, : n // 2] = IGNORE_INDEX
     labels[:, pos] = IGNORE_INDEX
-    return {"input_ids": ids.to(device), "labels": labels.to(device),
-            "lengths": torch.full((B,), text_len + 1, dtype=torch.long, device=device),
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "lengths": lengths.to(device),
             "has_image": torch.ones(B, dtype=torch.bool, device=device),
             "pixel_values": torch.randn(B, 3, image_size, image_size, generator=gen).to(device)}
 
@@ -116,14 +133,16 @@ def sync(device) -> None:
 # ---------------------------------------------------------------------------------------------
 def time_raw(model, params, batch, a, device) -> float:
     """Seconds per step of a plain loop doing what Lightning's automatic optimization does."""
-    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0,
-                            fused=True if device.type == "cuda" else None)
+    # As module.py: fused AdamW with bf16 weights, foreach under autocast (Lightning's AMP plugin
+    # cannot clip an optimizer that unscales its own gradients).
+    kw = ({"fused": True} if a.precision == "bf16-true" else {"foreach": True}) if device.type == "cuda" else {}
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, **kw)
     autocast = device.type == "cuda" and a.precision == "bf16-mixed"
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             out = model(input_ids=batch["input_ids"], labels=batch["labels"], pixel_values=batch["pixel_values"],
-                        lengths=batch["lengths"], backend=a.backend)
+                        lengths=batch["lengths"], backend=a.backend, pack=bool(a.pack))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -153,7 +172,7 @@ def time_lightning(model, batch, a, device) -> float:
     # The same CPU batch every step (batch_size=None: no collation); Lightning moves it to the GPU
     # each step, as in training.
     loader = torch.utils.data.DataLoader([cpu_batch] * n, batch_size=None, pin_memory=device.type == "cuda")
-    cfg = TrainConfig(data_file="-", lr_init=1e-5, weight_decay=0.0)
+    cfg = TrainConfig(data_file="-", lr_init=1e-5, weight_decay=0.0, pack=a.pack)
     trainable = [n_ for n_, p in model.named_parameters() if p.requires_grad]
     module = VisualRWKVTrainModule(model, cfg, trainable)
 
@@ -197,12 +216,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     t0 = time.perf_counter()
     model, vcfg = build_model(a, device)
     model.rwkv.grad_cp = bool(a.grad_cp)
+    if a.compile and device.type == "cuda":
+        model.rwkv.compile_blocks()
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# {name}; model {model.rwkv.cfg.n_layer} x {model.rwkv.cfg.n_embd}, vocab {model.rwkv.cfg.vocab_size}, "
           f"{n_params / 1e9:.2f}B parameters incl. tower; {model.n_image_tokens} image tokens/sample; "
-          f"precision {a.precision if device.type == 'cuda' else 'fp32'}; grad_cp {a.grad_cp}; "
+          f"precision {a.precision if device.type == 'cuda' else 'fp32'}; grad_cp {a.grad_cp}; pack {a.pack}; "
+          f"{'ragged' if a.ragged else 'equal'} lengths; compile {a.compile}; "
           f"{'lightning' if a.lightning else 'plain loop'}; built in {time.perf_counter() - t0:.0f}s")
     header = f"{'stage':>5} {'micro_bsz':>9} {'text_len':>8} {'seq_len':>7} {'step_ms':>9} {'samples/s':>10} " \
              f"{'tokens/s':>10} {'peak_GiB':>9}"
@@ -214,7 +236,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for B in a.micro_bsz:
             for T in a.text_len:
                 seq = T + model.n_image_tokens  # placeholder replaced by the image tokens
-                batch = make_batch(B, T, vcfg.image_size, model.rwkv.cfg.vocab_size, device, gen)
+                batch = make_batch(B, T, vcfg.image_size, model.rwkv.cfg.vocab_size, device, gen, a.ragged)
+                n_tok = int(batch["lengths"].sum()) + B * (model.n_image_tokens - 1)  # real tokens, no padding
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
@@ -228,7 +251,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     torch.cuda.empty_cache()
                     continue
                 peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
-                print(f"{stage:>5} {B:>9} {T:>8} {seq:>7} {dt * 1e3:>9.1f} {B / dt:>10.2f} {B * seq / dt:>10.0f} "
+                print(f"{stage:>5} {B:>9} {T:>8} {seq:>7} {dt * 1e3:>9.1f} {B / dt:>10.2f} {n_tok / dt:>10.0f} "
                       f"{peak:>9.2f}", flush=True)
                 model.zero_grad(set_to_none=True)
                 del batch

@@ -212,6 +212,19 @@ def test_overfit_loss_falls(env, tmp_path):
     assert losses[-1] < 0.35 * losses[0], losses
 
 
+def test_packed_training_equals_padded(env, tmp_path):
+    # --pack 1 runs each micro-batch as one packed row (the GPU default): same losses and weights.
+    common = ["--freeze_rwkv", 0, "--epoch_steps", 2, "--epoch_count", 1, "--micro_bsz", 3]
+    a, b = str(tmp_path / "pad"), str(tmp_path / "pack")
+    r1 = _run(_args(env, a, "--load_model", f"{env}/rwkv.pth", *common, "--pack", 0, stage1=False))
+    r2 = _run(_args(env, b, "--load_model", f"{env}/rwkv.pth", *common, "--pack", 1, stage1=False))
+    assert r1.module.pack is False and r2.module.pack is True
+    np.testing.assert_allclose(_step_losses(b), _step_losses(a), rtol=1e-5)
+    x, y = load_state_dict_file(f"{a}/rwkv-0.pth"), load_state_dict_file(f"{b}/rwkv-0.pth")
+    for n in x:
+        torch.testing.assert_close(y[n], x[n], rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- resume
 @pytest.mark.parametrize("k", [1, 2])  # stopped inside mini-epoch 0 / exactly at its end
 def test_resume_equals_uninterrupted(env, tmp_path, k):

@@ -266,6 +266,10 @@ def train(cfg: TrainConfig) -> Optional[TrainResult]:
     trainable = apply_freezing(model, cfg)
     if cfg.grad_cp:
         model.rwkv.grad_cp = True
+    if cfg.compile:
+        if not cuda:
+            raise UserError("--compile 1 needs a CUDA GPU (torch.compile of the blocks is for GPU training)")
+        model.rwkv.compile_blocks()
     add_input_dropout(model, cfg.dropout)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
@@ -308,7 +312,7 @@ def train(cfg: TrainConfig) -> Optional[TrainResult]:
     _say(f"visualrwkv train: {cfg.n_layer} layers x {cfg.n_embd}, {n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M "
          f"parameters learn; {cfg.world_size} process(es) x micro_bsz {cfg.micro_bsz} x accumulate "
          f"{cfg.accumulate_grad_batches} = {cfg.global_bsz} samples per step; {cfg.epoch_count} mini-epoch(s) of "
-         f"{cfg.epoch_steps} micro-steps; precision {cfg.precision}; strategy {cfg.strategy}; "
+         f"{cfg.epoch_steps} micro-steps; precision {cfg.precision}; strategy {cfg.strategy}; pack {int(module.pack)}; "
          f"data {len(prep.records)} records (check {prep.check_seconds:.1f}s); out {cfg.proj_dir}")
     try:
         trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)

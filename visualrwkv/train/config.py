@@ -143,6 +143,8 @@ class TrainConfig:
     freeze_rwkv: int = 0
     freeze_proj: int = 0
     train_vit: int = 0  # 1 = train the vision tower too (for small towers such as the quickstart's)
+    pack: int = -1  # 1 = pack each micro-batch's samples into one row (no compute on padding); -1 = on for CUDA
+    compile: int = 0  # 1 = torch.compile every RWKV block (GPU; the WKV kernel stays uncompiled)
     # ---- hardware
     accelerator: str = "auto"
     devices: Union[int, str] = 1
@@ -275,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight_decay_final", type=float, default=d.weight_decay_final,
                    help="> 0: decay moves geometrically from --weight_decay to this over the schedule")
     g.add_argument("--grad_cp", type=int, default=d.grad_cp, choices=[0, 1], help="gradient checkpointing per block")
+    g.add_argument("--pack", type=int, default=d.pack, choices=[-1, 0, 1],
+                   help="1: run each micro-batch as one packed row (no compute on padding, same result); "
+                        "-1 (default): on with CUDA, off on the CPU")
+    g.add_argument("--compile", type=int, default=d.compile, choices=[0, 1],
+                   help="1: torch.compile the RWKV blocks (GPU training speed; slower start)")
     g.add_argument("--random_seed", type=int, default=d.random_seed, help="-1 = no global seed (as the original)")
     g.add_argument("--freeze_rwkv", type=int, default=d.freeze_rwkv,
                    help="N = n_layer: freeze the whole language model (stage 1); N < n_layer: blocks 0..N-1")

@@ -62,6 +62,7 @@ class VisualRWKVTrainModule(pl.LightningModule):
         # on_load_checkpoint checks the keys itself.
         self.strict_loading = False
         self.group_is_decay: List[bool] = []
+        self.pack = bool(cfg.pack) if cfg.pack >= 0 else torch.cuda.is_available() and cfg.accelerator != "cpu"
         # Filled per batch from the CPU batch (on_before_batch_transfer), read by the callback.
         self.batch_tokens = 0
         self.batch_samples = 0
@@ -103,7 +104,7 @@ class VisualRWKVTrainModule(pl.LightningModule):
             self.last_loss = None
             return loss
         out = self.model(input_ids=batch["input_ids"], labels=batch["labels"], pixel_values=batch["pixel_values"],
-                         lengths=batch["lengths"])
+                         lengths=batch["lengths"], pack=self.pack)
         loss = out.loss  # mean over rows of each row's mean token loss (SPEC §5), L2Wrap attached
         self.last_loss = loss.detach()
         if self.trainer.world_size > 1:
@@ -135,9 +136,13 @@ class VisualRWKVTrainModule(pl.LightningModule):
                                         adamw_mode=True, amsgrad=False)
             return FusedAdam(groups, lr=cfg.lr_init, betas=betas, eps=cfg.adam_eps, bias_correction=True,
                              adam_w_mode=True, amsgrad=False)
-        # One fused kernel for all parameters on CUDA; the default (foreach) elsewhere.
-        fused = True if self.device.type == "cuda" else None
-        return torch.optim.AdamW(groups, lr=cfg.lr_init, betas=betas, eps=cfg.adam_eps, fused=fused)
+        # On CUDA: one fused kernel for all parameters, except under mixed precision, where Lightning's
+        # AMP plugin cannot clip the gradients of an optimizer that unscales them itself; there the
+        # multi-tensor (foreach) implementation. The default elsewhere.
+        cuda = self.device.type == "cuda"
+        mixed = "mixed" in str(self.trainer.precision)
+        kw = ({"fused": True} if not mixed else {"foreach": True}) if cuda else {}
+        return torch.optim.AdamW(groups, lr=cfg.lr_init, betas=betas, eps=cfg.adam_eps, **kw)
 
     # ------------------------------------------------------------------------------ state
     def _trims_state(self) -> bool:
