@@ -132,6 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="context lengths for table 2 (default 1024,8192,24576 on GPU, 512,2048 on CPU; 'none' to skip)")
     p.add_argument("--cuda_graph", default="auto", choices=["auto", "on", "off"], help="engine decoding with CUDA graphs")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--compile", action="store_true", help="torch.compile the RWKV blocks (GPU): fewer, fused kernels")
     a = p.parse_args(argv)
 
     from visualrwkv.errors import UserError
@@ -157,6 +158,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     tok = get_tokenizer()
     model = build_model(shape, device, dtype)
+    if a.compile:
+        model.rwkv.compile_blocks()
     n_params = sum(p.numel() for p in model.rwkv.parameters())
     n_img = model.n_image_tokens
     banned_list = banned_newline_tokens(tok)
