@@ -144,6 +144,15 @@ class VisualRWKVTrainModule(pl.LightningModule):
         kw = ({"fused": True} if not mixed else {"foreach": True}) if cuda else {}
         return torch.optim.AdamW(groups, lr=cfg.lr_init, betas=betas, eps=cfg.adam_eps, **kw)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val and strategy_kind(self.trainer.strategy) == "fsdp":
+            # Each process holds a shard of every gradient: the norm must be taken over all shards,
+            # which the root FSDP module does (torch.nn.utils.clip_grad_norm_ would clip per shard).
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
+
     # ------------------------------------------------------------------------------ state
     def _trims_state(self) -> bool:
         return strategy_kind(self.trainer.strategy) == "plain"
@@ -198,9 +207,9 @@ class VisualRWKVTrainModule(pl.LightningModule):
         if kind == "deepspeed3":
             sd = self.trainer.strategy.deepspeed_engine._zero3_consolidated_16bit_state_dict()
         elif kind == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            # Lightning's FSDP strategy (state_dict_type "full") gathers the root module's full state
+            # dict onto rank 0; keys "model.rwkv...", cleaned below.
+            sd = self.trainer.strategy.lightning_module_state_dict()
         else:
             sd = self.model.state_dict()
         if not self.trainer.is_global_zero or sd is None:
