@@ -49,7 +49,8 @@ def main():
 
     dev = "cuda"
     rows = []
-    rwkv = RWKV6(RWKV6Config(n_layer=24, n_embd=2048)).init_weights(0).to(dev, torch.bfloat16).eval()
+    with torch.device(dev):
+        rwkv = RWKV6(RWKV6Config(n_layer=24, n_embd=2048)).init_weights(0).to(torch.bfloat16).eval()
     n_rwkv = sum(p.numel() for p in rwkv.parameters())
     dec = GraphedDecoder(rwkv, 1)
     for T in a.contexts:
