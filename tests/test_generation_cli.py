@@ -12,12 +12,6 @@ from test_generation import example_image, tiny_model
 from utils import make_tiny_tower, random_rwkv6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,6 @@ from utils import make_tiny_tower
 MODEL = "tiny-visualrwkv"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def free_port() -> int:
