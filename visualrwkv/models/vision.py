@@ -76,11 +76,25 @@ def load_image_processor(name_or_path: str):
         raise UserError(f"vision tower folder {name_or_path} has no preprocessor_config.json (image processor)")
     local = _is_local(name_or_path)
     kind = vision_config(name_or_path).model_type
-    cls = transformers.SiglipImageProcessor if kind.startswith("siglip") else transformers.CLIPImageProcessor
+    cls = _processor_class(kind)
     try:
         return cls.from_pretrained(name_or_path, local_files_only=local)
     except Exception as e:
         raise UserError(f"cannot load the image processor from {name_or_path!r}: {str(e).splitlines()[0]}") from None
+
+
+def _processor_class(kind: str):
+    """The tower's processor class. transformers 5 names the torchvision implementation
+    ``CLIPImageProcessor`` and the PIL/numpy one ``CLIPImageProcessorPil`` (same settings, same
+    output); without torchvision take the PIL one directly instead of a warning-and-fallback."""
+    import importlib.util
+
+    import transformers
+
+    base = "SiglipImageProcessor" if kind.startswith("siglip") else "CLIPImageProcessor"
+    if importlib.util.find_spec("torchvision") is None and hasattr(transformers, base + "Pil"):
+        return getattr(transformers, base + "Pil")
+    return getattr(transformers, base)
 
 
 def num_patches(cfg) -> int:
