@@ -128,7 +128,7 @@ def test_stage1_changes_only_the_projector(env, stage1):
     for k, v in rwkv.items():
         assert torch.equal(sd["rwkv." + k], v), k
     for k, v in _tower_sd(env).items():
-        assert torch.equal(sd["vit." + k], v), k
+        assert torch.equal(sd["vit.vision_model." + k], v), k
     # outputs: one train_log line per mini-epoch, CSV metrics, the resumable state
     lines = _epoch_lines(proj)
     assert [l[0] for l in lines] == ["0", "1"]
@@ -360,4 +360,4 @@ def test_from_scratch_defines_model_from_flags(env, tmp_path):
     sd = load_state_dict_file(f"{proj}/rwkv-0.pth")
     tower = _tower_sd(env)
     # --train_vit 1: the tower learned too
-    assert any(not torch.equal(sd["vit." + k], v) for k, v in tower.items() if v.is_floating_point())
+    assert any(not torch.equal(sd["vit.vision_model." + k], v) for k, v in tower.items() if v.is_floating_point())

@@ -181,7 +181,8 @@ def test_checkpoint_roundtrip_and_strict_errors(tower, tmp_path):
     for mutate, pattern in [
         (lambda d: d.__setitem__("proj.weight", torch.zeros(64, 7)), r"proj\.weight is \(64, 7\)"),
         (lambda d: d.pop("rwkv.blocks.3.ffn.key.weight"), r"missing keys: rwkv\.blocks\.3\.ffn\.key\.weight"),
-        (lambda d: d.__setitem__("vit.extra.weight", torch.zeros(1)), r"unexpected keys: vit\.extra\.weight"),
+        (lambda d: d.__setitem__("vit.vision_model.extra.weight", torch.zeros(1)),
+         r"unexpected keys: vit\.vision_model\.extra\.weight"),
     ]:
         d = dict(sd)
         mutate(d)
@@ -223,3 +224,19 @@ def test_packed_training_forward_equals_padded(tower):
     assert grads[True][1].keys() == grads[False][1].keys()
     for n in grads[False][1]:
         assert rel(grads[True][1][n], grads[False][1][n]) <= 1e-4, n
+
+
+def test_tower_keys_use_the_released_layout(tower, tmp_path):
+    """Released files (transformers 4) name the tower vit.vision_model.*; we write and read that,
+    and still read files whose tower keys lack the vision_model level."""
+    model = _model(tower)
+    sd = model.state_dict()
+    assert "vit.vision_model.embeddings.patch_embedding.weight" in sd
+    assert not any(k.startswith("vit.") and not k.startswith("vit.vision_model.") for k in sd)
+    flat = {(k.replace("vit.vision_model.", "vit.") if k.startswith("vit.") else k): v for k, v in sd.items()}
+    path = str(tmp_path / "flat.pth")
+    torch.save(flat, path)
+    loaded = VisualRWKV.from_checkpoint(path, tower)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    model.load_state_dict(sd, strict=True)  # round trip through the module's own hooks

@@ -21,6 +21,19 @@ from visualrwkv.models.rwkv6 import RWKV6, RWKVState
 from visualrwkv.models import vision
 
 
+def release_vit_keys(sd, prefix: str = ""):
+    """Tower keys in the released layout, in place: ``vit.vision_model.*``.
+
+    The released checkpoints were written with transformers 4, whose ``CLIPVisionModel`` (and
+    ``SiglipVisionModel``) keep the transformer under ``vision_model``; transformers 5 dropped that
+    level (``embeddings.*`` directly). Files we write always use the released names, so the original
+    code and ours read each other's files. Idempotent."""
+    head, full = prefix + "vit.", prefix + "vit.vision_model."
+    for k in [k for k in sd if k.startswith(head) and not k.startswith(full)]:
+        sd[full + k[len(head):]] = sd.pop(k)
+    return sd
+
+
 class L2Wrap(torch.autograd.Function):
     """Identity on the loss; in backward adds ``factor * max_logit`` to each row's largest logit
     (the original's regulariser that keeps logits small). logits: (M, V)."""
@@ -37,6 +50,17 @@ class L2Wrap(torch.autograd.Function):
         maxx, ids = logits.max(dim=-1, keepdim=True)
         g = torch.zeros_like(logits).scatter_(-1, ids, maxx * ctx.factor)
         return grad_output, g, None
+
+
+def _vit_keys_to_release(module, state_dict, prefix, local_metadata):
+    release_vit_keys(state_dict, prefix)
+
+
+def _vit_keys_from_release(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                           error_msgs):
+    full = prefix + "vit.vision_model."
+    for k in [k for k in state_dict if k.startswith(full)]:
+        state_dict[prefix + "vit." + k[len(full):]] = state_dict.pop(k)
 
 
 @dataclass
@@ -72,6 +96,10 @@ class VisualRWKV(nn.Module):
         self.n_image_tokens = num_image_tokens(grid_size, num_patches)
         self.freeze_vit = freeze_vit
         self.l2wrap = True
+        if vit is not None and not hasattr(vit, "vision_model"):
+            # transformers >= 5: rename to and from the released ``vit.vision_model.*`` layout.
+            self.register_state_dict_post_hook(_vit_keys_to_release)
+            self.register_load_state_dict_pre_hook(_vit_keys_from_release)
         if vit is not None and freeze_vit:
             vit.requires_grad_(False)
             vit.eval()
@@ -96,10 +124,11 @@ class VisualRWKV(nn.Module):
         if "proj.weight" not in sd or not any(k.startswith("rwkv.") for k in sd):
             raise UserError(f"{source} is not a VisualRWKV checkpoint (no proj.weight / rwkv.* keys); "
                             "to start stage 1 from an RWKV model use --load_model")
+        release_vit_keys(sd)  # files written by transformers-5 code without the hook still load
         rwkv_sd = strip_prefix(sd, "rwkv.")
         cfg = config_from_state_dict(rwkv_sd, source)
         vcfg = vision.vision_config(vision_tower_name)
-        vit_sd = {k: v for k, v in strip_prefix(sd, "vit.").items() if not k.endswith("position_ids")}
+        vit_sd = {k: v for k, v in strip_prefix(sd, "vit.vision_model.").items() if not k.endswith("position_ids")}
         with torch.device("meta"):
             rwkv = RWKV6(cfg)
         vit = vision.build_vision_model(vcfg) if vit_sd else vision.load_vision_model(vision_tower_name)

@@ -37,7 +37,16 @@ def clean_keys(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         if k.startswith("model."):
             k = k[len("model."):]
         out[k] = v
-    return out
+    from visualrwkv.models.visualrwkv import release_vit_keys
+
+    return release_vit_keys(out)  # released tower names, whichever path gathered the weights
+
+
+def state_name(param_name: str) -> str:
+    """A parameter's name in the model's state dict (the tower's keys use the released layout)."""
+    from visualrwkv.models.visualrwkv import release_vit_keys
+
+    return next(iter(release_vit_keys({param_name: None})))
 
 
 def strategy_kind(strategy) -> str:
@@ -160,7 +169,7 @@ class VisualRWKVTrainModule(pl.LightningModule):
     def frozen_checksum(self) -> List[List[float]]:
         """[sum, L1 norm] in float64 of every frozen floating tensor, in name order: enough to tell
         two weight files apart, robust to where it is computed and to bf16/fp16 rounding."""
-        trainable = set(self.trainable)
+        trainable = {state_name(n) for n in self.trainable}
         stats = [torch.stack([t.detach().sum(dtype=torch.float64),
                               torch.linalg.vector_norm(t.detach(), ord=1, dtype=torch.float64)])
                  for n, t in sorted(self.model.state_dict().items()) if n not in trainable and t.is_floating_point()]
@@ -175,7 +184,7 @@ class VisualRWKVTrainModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         info: Dict[str, Any] = {"trainable": list(self.trainable), "trimmed": False}
         if self._trims_state() and "state_dict" in checkpoint:
-            keep = {"model." + n for n in self.trainable}
+            keep = {"model." + state_name(n) for n in self.trainable}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
             info["trimmed"] = True
             info["frozen_checksum"] = self.frozen_checksum()
@@ -192,7 +201,7 @@ class VisualRWKVTrainModule(pl.LightningModule):
                             "use the same --freeze_rwkv / --freeze_proj / --train_vit, or --resume no to start fresh")
         if info.get("trimmed"):
             sd = checkpoint.get("state_dict", {})
-            missing = [n for n in self.trainable if "model." + n not in sd]
+            missing = [n for n in self.trainable if "model." + state_name(n) not in sd]
             if missing:
                 raise UserError(f"the training state lacks trainable weights: {', '.join(missing[:4])}")
             if not self._same_weights(self.frozen_checksum(), info.get("frozen_checksum", [])):
