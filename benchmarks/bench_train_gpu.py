@@ -9,6 +9,7 @@ the first quarter of the text (as with ``--image_position middle``), loss on the
     python benchmarks/bench_train_gpu.py                               # default grid
     python benchmarks/bench_train_gpu.py --micro_bsz 8,16 --text_len 128,512 --stages 2
     python benchmarks/bench_train_gpu.py --lightning                   # through pl.Trainer as 'visualrwkv train'
+    python benchmarks/bench_train_gpu.py --lightning --devices 2       # DDP on 2 GPUs (samples/s over both)
     python benchmarks/bench_train_gpu.py --ragged --pack 0             # padded batches, padding computed
     python benchmarks/bench_train_gpu.py --compile 1 --grad_cp 1       # torch.compile'd blocks, checkpointing
     python benchmarks/bench_train_gpu.py --tiny                        # small model, runs on the CPU (smoke check)
@@ -54,6 +55,8 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--ragged", action="store_true",
                    help="samples of different lengths (text_len/2 .. text_len), so a batch has padding")
     p.add_argument("--compile", type=int, choices=[0, 1], default=0, help="torch.compile the RWKV blocks")
+    p.add_argument("--devices", type=int, default=1,
+                   help="GPUs (with --lightning): > 1 runs DDP, one process per GPU, each with --micro_bsz")
     p.add_argument("--lightning", action="store_true",
                    help="run the steps through lightning's Trainer with the module of 'visualrwkv train'")
     p.add_argument("--n_layer", type=int, default=24)
@@ -189,7 +192,11 @@ def time_lightning(model, batch, a, device) -> float:
 
     timer = Timer()
     precision = "32-true" if device.type != "cuda" else a.precision
-    trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
+    multi = a.devices > 1
+    # With DDP every rank steps through the same n batches (no distributed sampler: the list is a
+    # stand-in for a per-rank data stream), so each rank does a full micro-batch per step.
+    trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=a.devices,
+                         strategy="ddp" if multi else "auto", use_distributed_sampler=False, precision=precision,
                          max_steps=n, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
                          num_sanity_val_steps=0, limit_val_batches=0)
@@ -206,7 +213,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("bench_train_gpu.py: no CUDA GPU found; nothing to measure here "
               "(use --tiny for a CPU smoke run of the same code)", file=sys.stderr)
         return 0
-    device = torch.device("cuda" if torch.cuda.is_available() and not a.tiny else "cpu")
+    if a.devices > 1 and not a.lightning:
+        print("bench_train_gpu.py: --devices > 1 needs --lightning (DDP through pl.Trainer)", file=sys.stderr)
+        return 2
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available() and not a.tiny:
+        torch.cuda.set_device(rank)  # each DDP process builds its model on its own GPU
+    device = torch.device(f"cuda:{rank}" if torch.cuda.is_available() and not a.tiny else "cpu")
+    say = print if int(os.environ.get("RANK", 0)) == 0 else (lambda *x, **k: None)
     if a.tiny:
         a.micro_bsz = [min(b, 2) for b in a.micro_bsz][:1]
         a.text_len = [min(t, 32) for t in a.text_len][:1]
@@ -222,15 +236,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"# {name}; model {model.rwkv.cfg.n_layer} x {model.rwkv.cfg.n_embd}, vocab {model.rwkv.cfg.vocab_size}, "
+    say(f"# {name} x {a.devices if a.lightning else 1}; model {model.rwkv.cfg.n_layer} x {model.rwkv.cfg.n_embd}, vocab {model.rwkv.cfg.vocab_size}, "
           f"{n_params / 1e9:.2f}B parameters incl. tower; {model.n_image_tokens} image tokens/sample; "
           f"precision {a.precision if device.type == 'cuda' else 'fp32'}; grad_cp {a.grad_cp}; pack {a.pack}; "
           f"{'ragged' if a.ragged else 'equal'} lengths; compile {a.compile}; "
           f"{'lightning' if a.lightning else 'plain loop'}; built in {time.perf_counter() - t0:.0f}s")
     header = f"{'stage':>5} {'micro_bsz':>9} {'text_len':>8} {'seq_len':>7} {'step_ms':>9} {'samples/s':>10} " \
              f"{'tokens/s':>10} {'peak_GiB':>9}"
-    print(header)
-    print("-" * len(header))
+    say(header)
+    say("-" * len(header))
     gen = torch.Generator().manual_seed(0)
     for stage in a.stages:
         params = freeze(model, stage)
@@ -246,14 +260,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                     dt = time_lightning(model, batch, a, device) if a.lightning else \
                         time_raw(model, params, batch, a, device)
                 except torch.cuda.OutOfMemoryError:
-                    print(f"{stage:>5} {B:>9} {T:>8} {seq:>7} {'OOM':>9}")
+                    say(f"{stage:>5} {B:>9} {T:>8} {seq:>7} {'OOM':>9}")
                     model.zero_grad(set_to_none=True)
                     gc.collect()
                     torch.cuda.empty_cache()
                     continue
                 peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
-                print(f"{stage:>5} {B:>9} {T:>8} {seq:>7} {dt * 1e3:>9.1f} {B / dt:>10.2f} {n_tok / dt:>10.0f} "
-                      f"{peak:>9.2f}", flush=True)
+                world = a.devices if a.lightning else 1  # samples/s and tokens/s over all GPUs
+                say(f"{stage:>5} {B:>9} {T:>8} {seq:>7} {dt * 1e3:>9.1f} {world * B / dt:>10.2f} "
+                    f"{world * n_tok / dt:>10.0f} {peak:>9.2f}", flush=True)
                 model.zero_grad(set_to_none=True)
                 del batch
                 gc.collect()

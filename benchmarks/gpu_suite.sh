@@ -18,3 +18,8 @@ run generate 70 python3 benchmarks/bench_generate.py --device cuda --batch_sizes
 run memory 70 python3 benchmarks/bench_memory_gpu.py --contexts 1024 8192 24576 --new_tokens 32
 run eval 60 python3 benchmarks/bench_eval.py --device cuda --shape 1.6b --batch_sizes 1,64
 run generate_compiled 120 python3 benchmarks/bench_generate.py --device cuda --compile --batch_sizes 1 --contexts none --naive_tokens 1
+# On a machine with 2+ GPUs: DDP throughput against the 1-GPU rows above (same Lightning step).
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  run train_stage2_1gpu_lightning 150 python3 benchmarks/bench_train_gpu.py --lightning --stages 2 --micro_bsz 8 --text_len 1400 --ragged --steps 3 --warmup 2
+  run train_stage2_ddp2 200 python3 benchmarks/bench_train_gpu.py --lightning --devices 2 --stages 2 --micro_bsz 8 --text_len 1400 --ragged --steps 3 --warmup 2
+fi
