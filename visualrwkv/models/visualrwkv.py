@@ -137,8 +137,10 @@ class VisualRWKV(nn.Module):
                     if not k.endswith("position_ids") and (vit_sd or not k.startswith("vit."))}
         given = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
         check_state_dict(expected, given, source)
-        if dtype is not None:
-            given = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in given.items()}
+        # Own, aligned memory for every weight (not views into the memory-mapped file): training
+        # writes them, and on the CPU compute on the file's mapping measured several times slower.
+        given = {k: (v.to(dtype) if (dtype is not None and v.is_floating_point()) else v).clone()
+                 for k, v in given.items()}
         model.load_state_dict(given, strict=False, assign=True)  # key sets were checked just above
         return model.to(device=device, dtype=dtype)
 

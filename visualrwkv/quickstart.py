@@ -1,0 +1,185 @@
+"""``visualrwkv quickstart``: the whole system end to end on a CPU, with nothing downloaded.
+
+    visualrwkv quickstart                       # ~12 minutes on 2 cores; the README's first command
+    visualrwkv quickstart --fast                # a 1-minute smoke run of the same pipeline (CI)
+    visualrwkv quickstart --out runs/qs --seed 1 --stage2_steps 2000
+
+Steps (each with the same code a real run uses):
+  1. data    -- ``visualrwkv data synth``: shapes images, caption records (stage 1), question/answer
+                conversations (stage 2) and held-out test questions (colour, shape, count, position,
+                size, yes/no), all from a seed;
+  2. presets -- a tiny random CLIP tower (a transformers CLIPVisionModel, trained in this preset) and
+                a tiny RWKV-6 (4 x 128) with the real World tokenizer;
+  3. stage 1 -- ``visualrwkv train`` on the captions. The preset's RWKV starts from random weights,
+                and a random RWKV-6 is an identity map at initialisation (its output projections start
+                at zero), so a projector-only stage 1 could learn nothing: here stage 1 trains the
+                whole model (``--freeze_rwkv 0 --train_vit 1``). With a pretrained RWKV, stage 1 is
+                ``--freeze_rwkv n_layer`` as usual;
+  4. stage 2 -- ``visualrwkv train --model_path stage1/rwkv-0.pth`` on the question/answer data;
+  5. eval    -- ``visualrwkv eval --benchmark custom`` (batched greedy decoding) on the held-out
+                questions, exact match per question type next to the chance level;
+  6. chat    -- prints the exact ``visualrwkv chat`` command for the trained checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+from visualrwkv.errors import UserError
+
+EXAMPLE = "visualrwkv quickstart --out runs/quickstart"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="visualrwkv quickstart",
+        description="Train a tiny VisualRWKV on built-in synthetic data (stage 1 + stage 2), evaluate it on "
+                    "held-out questions and print a chat command. CPU only, no downloads.",
+        epilog=f"example: {EXAMPLE}\n         visualrwkv quickstart --fast   # a short smoke run",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fast", action="store_true", help="a very short run of the same pipeline (smoke test)")
+    p.add_argument("--n_train", type=int, default=None, help="training images (default 3000; --fast 64)")
+    p.add_argument("--n_test", type=int, default=None, help="held-out images, 6 questions each (default 100; --fast 4)")
+    p.add_argument("--stage1_steps", type=int, default=None, help="stage-1 micro-steps (default 150; --fast 4)")
+    p.add_argument("--stage2_steps", type=int, default=None, help="stage-2 micro-steps (default 1100; --fast 6)")
+    p.add_argument("--micro_bsz", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3, help="initial learning rate of both stages (cosine to lr/10)")
+    p.add_argument("--image_position", default="middle", choices=["first", "middle", "last"])
+    p.add_argument("--grid_size", type=int, default=4, help="image tokens: 4 -> 4x4 pooled patches + CLS")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    p.add_argument("--keep", action="store_true", help="keep an existing --out folder (resume) instead of replacing it")
+    return p
+
+
+def _banner(text: str) -> None:
+    print(f"\n=== {text}", flush=True)
+
+
+def _train(argv: List[str]) -> None:
+    from visualrwkv.train.cli import main as train_main
+
+    rc = train_main(argv)
+    if rc not in (0, None):
+        raise UserError(f"training failed (exit code {rc})")
+
+
+def _norm(text: str) -> str:
+    return text.strip().lower().rstrip(".").strip()
+
+
+def score_answers(answers_path: str, test_path: str) -> Dict[str, Dict[str, float]]:
+    """Exact match (case and trailing period ignored) per question type, from eval's answer file."""
+    gold = {}
+    with open(test_path) as f:
+        for line in f:
+            if line.strip():
+                q = json.loads(line)
+                gold[str(q["question_id"])] = q
+    hits: Dict[str, List[bool]] = defaultdict(list)
+    with open(answers_path) as f:
+        for line in f:
+            if line.strip():
+                a = json.loads(line)
+                q = gold.get(str(a["question_id"]))
+                if q is not None:
+                    hits[q["type"]].append(_norm(a["text"]) == _norm(q["answer"]))
+    out = {t: {"n": len(v), "accuracy": sum(v) / len(v)} for t, v in sorted(hits.items())}
+    allv = [x for v in hits.values() for x in v]
+    out["all"] = {"n": len(allv), "accuracy": sum(allv) / max(1, len(allv))}
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    a = build_parser().parse_args(argv)
+    import torch
+
+    from visualrwkv.data.synth import chance_levels, generate
+    from visualrwkv.presets import TINY_RWKV, make_tiny_vision_tower
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    n_train = a.n_train or (64 if a.fast else 3000)
+    n_test = a.n_test or (4 if a.fast else 100)
+    s1 = a.stage1_steps if a.stage1_steps is not None else (4 if a.fast else 150)
+    s2 = a.stage2_steps if a.stage2_steps is not None else (6 if a.fast else 1100)
+    bsz = min(a.micro_bsz, 4) if a.fast else a.micro_bsz
+    out = os.path.abspath(a.out)
+    if os.path.exists(out) and not a.keep:
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    t_start = time.time()
+
+    _banner(f"1/5 synthetic data: {n_train} training images, {n_test} held-out images (seed {a.seed})")
+    paths = generate(os.path.join(out, "data"), seed=a.seed, n_train_images=n_train, n_test_images=n_test,
+                     image_size=64)
+    tower = str(make_tiny_vision_tower(os.path.join(out, "tower"), image_size=64, patch_size=8, hidden_size=128,
+                                       layers=2, heads=4, seed=a.seed))
+    common = ["--vision_tower_name", tower, "--image_folder", paths["image_folder"], "--ctx_len", "256",
+              "--grid_size", str(a.grid_size), "--image_position", a.image_position, "--train_vit", "1",
+              "--micro_bsz", str(bsz), "--accelerator", "cpu", "--devices", "1", "--precision", "fp32",
+              "--epoch_count", "1", "--epoch_save", "0", "--warmup_steps", "20" if not a.fast else "1",
+              "--beta1", "0.9", "--beta2", "0.99", "--adam_eps", "1e-8", "--random_seed", str(a.seed),
+              "--freeze_rwkv", "0", "--wandb", "", "--log_every_n_steps", "10"]
+
+    _banner(f"2/5 stage 1: captions, {s1} steps (whole tiny model learns: it starts from random weights)")
+    _train(["--data_file", paths["stage1"], "--proj_dir", os.path.join(out, "stage1"),
+            "--n_layer", str(TINY_RWKV["n_layer"]), "--n_embd", str(TINY_RWKV["n_embd"]),
+            "--vocab_size", str(TINY_RWKV["vocab_size"]), "--epoch_steps", str(s1),
+            "--lr_init", str(a.lr), "--lr_final", str(a.lr / 10)] + common)
+    stage1 = os.path.join(out, "stage1", "rwkv-0.pth")
+
+    _banner(f"3/5 stage 2: questions and answers, {s2} steps, from {stage1}")
+    _train(["--data_file", paths["stage2"], "--proj_dir", os.path.join(out, "stage2"), "--model_path", stage1,
+            "--epoch_steps", str(s2), "--lr_init", str(a.lr), "--lr_final", str(a.lr / 10)] + common)
+    ckpt = os.path.join(out, "visualrwkv-quickstart.pth")
+    shutil.copyfile(os.path.join(out, "stage2", "rwkv-0.pth"), ckpt)
+
+    _banner("4/5 evaluation on the held-out questions (visualrwkv eval, batched greedy decoding)")
+    from visualrwkv.eval.run import main as eval_main
+
+    answers = os.path.join(out, "answers.jsonl")
+    rc = eval_main(["--model_path", ckpt, "--vision_tower_name", tower, "--benchmark", "custom",
+                    "--question_file", paths["test"], "--image_folder", paths["image_folder"],
+                    "--output_file", answers, "--grid_size", str(a.grid_size), "--image_position", a.image_position,
+                    "--device", "cpu", "--batch_size", "32", "--max_new_tokens", "8", "--overwrite"])
+    if rc not in (0, None):
+        raise UserError(f"evaluation failed (exit code {rc})")
+    scores = score_answers(answers, paths["test"])
+    chance = chance_levels(paths["test"])
+    print(f"\n{'type':<10} {'questions':>9} {'accuracy':>9} {'chance':>7}")
+    for t, s in scores.items():
+        c = chance.get(t, {}).get("majority")
+        print(f"{t:<10} {s['n']:>9} {100 * s['accuracy']:>8.1f}% {'' if c is None else f'{100 * c:>6.1f}%'}")
+    with open(os.path.join(out, "scores.json"), "w") as f:
+        json.dump({"accuracy": scores, "chance": chance}, f, indent=1)
+
+    gold = [json.loads(line) for line in open(paths["test"]) if line.strip()]
+    got = {str(json.loads(line)["question_id"]): json.loads(line)["text"] for line in open(answers) if line.strip()}
+    print("\nsample questions:")
+    for q in gold[:: max(1, len(gold) // 6)][:6]:
+        question = q["text"].split("\n")[0]
+        print(f"  [{q['image']}] {question}  ->  {got.get(str(q['question_id']), '?')!r} (truth: {q['answer']})")
+
+    minutes = (time.time() - t_start) / 60
+    image = os.path.join(paths["image_folder"], gold[0]["image"])
+    question = gold[0]["text"].split("\n")[0]
+    _banner(f"5/5 done in {minutes:.1f} min; checkpoint {ckpt}")
+    cmd = (f"visualrwkv chat --model_path {ckpt} --vision_tower_name {tower} --grid_size {a.grid_size} "
+           f"--image_position {a.image_position} --image {image} --prompt \"{question}\" --greedy")
+    with open(os.path.join(out, "chat_command.txt"), "w") as f:
+        f.write(cmd + "\n")
+    print("talk to it:\n  " + cmd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
