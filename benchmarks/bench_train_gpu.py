@@ -53,7 +53,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--pack", type=int, choices=[0, 1], default=1,
                    help="1: packed rows (the training default on CUDA); with --ragged it skips the padding")
     p.add_argument("--ragged", action="store_true",
-                   help="samples of different lengths (text_len/2 .. text_len), so a batch has padding")
+                   help="samples of different lengths (text_min .. text_len), so a batch has padding")
+    p.add_argument("--text_min", type=int, default=None,
+                   help="shortest text with --ragged (default text_len/2); lengths are uniform in [text_min, text_len]")
     p.add_argument("--compile", type=int, choices=[0, 1], default=0, help="torch.compile the RWKV blocks")
     p.add_argument("--devices", type=int, default=1,
                    help="GPUs (with --lightning): > 1 runs DDP, one process per GPU, each with --micro_bsz")
@@ -105,13 +107,15 @@ def freeze(model, stage: int) -> List[torch.nn.Parameter]:
 
 
 def make_batch(B: int, text_len: int, image_size: int, vocab: int, device, gen: torch.Generator,
-               ragged: bool = False) -> Dict:
-    """B samples of text_len ids (ragged: text_len/2 .. text_len, right-padded with 0) with one image
+               ragged: bool = False, text_min: Optional[int] = None) -> Dict:
+    """B samples of text_len ids (ragged: text_min .. text_len, right-padded with 0) with one image
     placeholder after the first quarter; labels on the last half of each sample.
     Shapes: input_ids/labels (B, text_len + 1), lengths (B,), pixel_values (B, 3, S, S)."""
     ids = torch.randint(1, vocab, (B, text_len + 1), generator=gen)
     if ragged:
-        lengths = torch.randint(text_len // 2, text_len + 1, (B,), generator=gen) + 1
+        lo = text_len // 2 if text_min is None else min(text_min, text_len)
+        lo = max(lo, max(1, text_len // 4) + 1)  # every row keeps its image placeholder
+        lengths = torch.randint(lo, text_len + 1, (B,), generator=gen) + 1
         lengths[0] = text_len + 1  # the longest sets the padded width
     else:
         lengths = torch.full((B,), text_len + 1, dtype=torch.long)
@@ -152,9 +156,12 @@ def time_raw(model, params, batch, a, device) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(a.warmup):
+    for i in range(a.warmup):
+        t = time.perf_counter()
         step()
-    sync(device)
+        sync(device)
+        print(f"  warm-up step {i + 1}: {time.perf_counter() - t:.1f} s (kernel compilation, autotuning)", file=sys.stderr,
+              flush=True)
     t0 = time.perf_counter()
     for _ in range(a.steps):
         step()
@@ -239,7 +246,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     say(f"# {name} x {a.devices if a.lightning else 1}; model {model.rwkv.cfg.n_layer} x {model.rwkv.cfg.n_embd}, vocab {model.rwkv.cfg.vocab_size}, "
           f"{n_params / 1e9:.2f}B parameters incl. tower; {model.n_image_tokens} image tokens/sample; "
           f"precision {a.precision if device.type == 'cuda' else 'fp32'}; grad_cp {a.grad_cp}; pack {a.pack}; "
-          f"{'ragged' if a.ragged else 'equal'} lengths; compile {a.compile}; "
+          f"{'ragged (text %s..text_len)' % (a.text_min or 'text_len/2') if a.ragged else 'equal'} lengths; compile {a.compile}; "
           f"{'lightning' if a.lightning else 'plain loop'}; built in {time.perf_counter() - t0:.0f}s")
     header = f"{'stage':>5} {'micro_bsz':>9} {'text_len':>8} {'seq_len':>7} {'step_ms':>9} {'samples/s':>10} " \
              f"{'tokens/s':>10} {'peak_GiB':>9}"
@@ -251,7 +258,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for B in a.micro_bsz:
             for T in a.text_len:
                 seq = T + model.n_image_tokens  # placeholder replaced by the image tokens
-                batch = make_batch(B, T, vcfg.image_size, model.rwkv.cfg.vocab_size, device, gen, a.ragged)
+                batch = make_batch(B, T, vcfg.image_size, model.rwkv.cfg.vocab_size, device, gen, a.ragged, a.text_min)
                 n_tok = int(batch["lengths"].sum()) + B * (model.n_image_tokens - 1)  # real tokens, no padding
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

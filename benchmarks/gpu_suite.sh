@@ -1,25 +1,43 @@
 #!/usr/bin/env bash
-# All GPU measurements of the project in one go (one H100/H200), each a benchmark script that
-# prints a table; logs go to $OUT (or ./gpu_logs). Usage, from the repository root:
-#   bash benchmarks/gpu_suite.sh            # needs torch with CUDA, and fla (pip install '.[gpu]')
+# All GPU measurements of the project, each a benchmark script that prints a table (with its
+# baseline in the same process); logs go to $OUT (or ./gpu_logs). From the repository root:
+#   bash benchmarks/gpu_suite.sh train     # stage 1 / stage 2 steps, 1.6B shape, eager and compiled
+#   bash benchmarks/gpu_suite.sh infer     # generation (eager, compiled), prefill, memory vs Llama, eval
+#   bash benchmarks/gpu_suite.sh ddp       # stage 1 / stage 2 through Lightning on 1 GPU and DDP on all GPUs
+#   bash benchmarks/gpu_suite.sh all
+# Needs torch with CUDA and fla (pip install '.[gpu]'). The first use of every fla / inductor kernel
+# compiles and autotunes it (minutes on a fresh machine); the Triton and inductor caches are kept in
+# $VRWKV_KERNEL_CACHE (default ./.kernel_cache), so a second run starts warm.
 set -u
 OUT=${OUT:-gpu_logs}
+WHAT=${1:-all}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+CACHE=${VRWKV_KERNEL_CACHE:-$PWD/.kernel_cache}
+mkdir -p "$CACHE"
+export TRITON_CACHE_DIR=$CACHE/triton TORCHINDUCTOR_CACHE_DIR=$CACHE/inductor PYTHONUNBUFFERED=1
 run() {  # run NAME SECONDS CMD...: a time-boxed step whose output goes to the console and $OUT/NAME.txt
   local name=$1 secs=$2; shift 2
-  echo "=== $name"
+  echo "=== $name ($(date +%T))"
   timeout "$secs" "$@" 2>&1 | grep -v -E "Warning|warn\(|^\s*$" | tee "$OUT/$name.txt" | tail -n 25
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-run train_stage1 80 python3 benchmarks/bench_train_gpu.py --stages 1 --micro_bsz 16 --text_len 100 --ragged --steps 4 --warmup 2
-run train_stage2 100 python3 benchmarks/bench_train_gpu.py --stages 2 --micro_bsz 8 --text_len 1400 --ragged --steps 3 --warmup 2
-run generate 70 python3 benchmarks/bench_generate.py --device cuda --batch_sizes 1,64 --contexts none --naive_tokens 4
-run memory 70 python3 benchmarks/bench_memory_gpu.py --contexts 1024 8192 24576 --new_tokens 32
-run eval 60 python3 benchmarks/bench_eval.py --device cuda --shape 1.6b --batch_sizes 1,64
-run generate_compiled 120 python3 benchmarks/bench_generate.py --device cuda --compile --batch_sizes 1 --contexts none --naive_tokens 1
-# On a machine with 2+ GPUs: DDP throughput against the 1-GPU rows above (same Lightning step).
-if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-  run train_stage2_1gpu_lightning 150 python3 benchmarks/bench_train_gpu.py --lightning --stages 2 --micro_bsz 8 --text_len 1400 --ragged --steps 3 --warmup 2
-  run train_stage2_ddp2 200 python3 benchmarks/bench_train_gpu.py --lightning --devices 2 --stages 2 --micro_bsz 8 --text_len 1400 --ragged --steps 3 --warmup 2
+NGPU=$(nvidia-smi -L | wc -l)
+S1="--stages 1 --micro_bsz 16 --text_min 30 --text_len 100 --ragged"     # LLaVA-pretrain lengths
+S2="--stages 2 --micro_bsz 8 --text_min 100 --text_len 1400 --ragged"    # mix665k-like lengths
+if [ "$WHAT" = train ] || [ "$WHAT" = all ]; then
+  run train_stage1 240 python3 benchmarks/bench_train_gpu.py $S1 --steps 5 --warmup 2
+  run train_stage1_compiled 240 python3 benchmarks/bench_train_gpu.py $S1 --steps 5 --warmup 2 --compile 1
+  run train_stage2 200 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 1 --steps 3 --warmup 2
+fi
+if [ "$WHAT" = infer ] || [ "$WHAT" = all ]; then
+  run generate_compiled 200 python3 benchmarks/bench_generate.py --device cuda --compile --batch_sizes 1,64 --contexts none --naive_tokens 2
+  run memory 150 python3 benchmarks/bench_memory_gpu.py --contexts 1024 8192 24576 --new_tokens 32
+  run generate 150 python3 benchmarks/bench_generate.py --device cuda --batch_sizes 1,64 --contexts none --naive_tokens 2
+  run eval 90 python3 benchmarks/bench_eval.py --device cuda --shape 1.6b --batch_sizes 1,64
+fi
+if { [ "$WHAT" = ddp ] || [ "$WHAT" = all ]; } && [ "$NGPU" -ge 2 ]; then
+  run train_stage1_lightning_1gpu 200 python3 benchmarks/bench_train_gpu.py --lightning $S1 --steps 5 --warmup 2
+  run train_stage1_ddp$NGPU 240 python3 benchmarks/bench_train_gpu.py --lightning --devices "$NGPU" $S1 --steps 5 --warmup 2
+  run train_stage2_lightning_1gpu 200 python3 benchmarks/bench_train_gpu.py --lightning $S2 --grad_cp 1 --steps 3 --warmup 2
+  run train_stage2_ddp$NGPU 240 python3 benchmarks/bench_train_gpu.py --lightning --devices "$NGPU" $S2 --grad_cp 1 --steps 3 --warmup 2
 fi
