@@ -54,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro_bsz", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3, help="initial learning rate of both stages (cosine to lr/10)")
     p.add_argument("--image_position", default="middle", choices=["first", "middle", "last"])
-    p.add_argument("--grid_size", type=int, default=4, help="image tokens: 4 -> 4x4 pooled patches + CLS")
+    p.add_argument("--grid_size", type=int, default=-1,
+                   help="image tokens: -1 -> every patch (2 x 2 cells of 32 px) + CLS = 5 tokens")
+    p.add_argument("--patch_size", type=int, default=32,
+                   help="tower patch size in pixels of the 64 px images (32: one patch per grid cell)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     p.add_argument("--keep", action="store_true", help="keep an existing --out folder (resume) instead of replacing it")
     return p
@@ -121,7 +124,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _banner(f"1/5 synthetic data: {n_train} training images, {n_test} held-out images (seed {a.seed})")
     paths = generate(os.path.join(out, "data"), seed=a.seed, n_train_images=n_train, n_test_images=n_test,
                      image_size=64)
-    tower = str(make_tiny_vision_tower(os.path.join(out, "tower"), image_size=64, patch_size=8, hidden_size=128,
+    tower = str(make_tiny_vision_tower(os.path.join(out, "tower"), image_size=64, patch_size=a.patch_size, hidden_size=128,
                                        layers=2, heads=4, seed=a.seed))
     common = ["--vision_tower_name", tower, "--image_folder", paths["image_folder"], "--ctx_len", "256",
               "--grid_size", str(a.grid_size), "--image_position", a.image_position, "--train_vit", "1",

@@ -2,10 +2,12 @@
 
 Every image is a plain white square with 1-3 simple shapes on it. Each shape has a *shape*
 (circle, square, triangle, star, cross), a *colour* (six clearly distinct named colours), a *size*
-(small / large) and a *position*: one of four slots arranged like a diamond -- ``left``, ``right``,
-``top``, ``bottom`` -- with a little jitter. Within one image the shapes, the colours and the slots
-are all different, so every object can be named by its shape, its colour or its position alone,
-and every question below has exactly one correct answer.
+(small / large) and a *position*: the centre of one cell of a 2 x 2 grid -- ``top left``,
+``top right``, ``bottom left``, ``bottom right`` -- with a little jitter. Within one image the
+shapes, the colours and the cells are all different, so every object can be named by its shape,
+its colour or its position alone, and every question below has exactly one correct answer.
+A shape never leaves its cell, so a vision tower whose patches are the cells (the quickstart's:
+64 px images, 32 px patches) sees each object whole in one patch.
 
 Files written by :func:`generate` (``OUT`` = the output folder; image paths in the records are
 relative to ``OUT/images``, which is what ``--image_folder`` should point at)::
@@ -25,7 +27,7 @@ Question types (``"type"`` in the records) and their answers (always a single wo
     colour    "What colour is the circle?"             -> red | green | blue | yellow | purple | orange
     shape     "What shape is the red object?"          -> circle | square | triangle | star | cross
     count     "How many shapes are there?"             -> 1 | 2 | 3
-    position  "Where is the blue square?"              -> left | right | top | bottom
+    position  "Where is the blue square?"              -> top left | top right | bottom left | bottom right
     size      "Is the red circle small or large?"      -> small | large
     yesno     "Is there a green triangle?"             -> yes | no (balanced; "no" often swaps the
                                                           colour and shape of two objects that are there)
@@ -62,7 +64,7 @@ from PIL import Image, ImageDraw
 
 from visualrwkv.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # ----------------------------------------------------------------------------------------------
 # The visual vocabulary
@@ -86,21 +88,19 @@ BACKGROUND: Tuple[int, int, int] = (255, 255, 255)
 SIZES: Dict[str, float] = {"small": 0.09, "large": 0.15}
 MAX_EXTENT = 1.15
 
-# Slot centres as fractions of the image side (x, y), a diamond. Each centre is moved by up to
-# JITTER in x and y. Worst case, two large shapes in neighbouring slots (e.g. left and top) are
-# sqrt(2) * (0.3 - 2 * 0.02) = 0.368 apart, more than 2 * 1.15 * 0.15 = 0.345, and a shape in an
-# outer slot keeps 0.2 - 0.02 - 0.1725 > 0 from the border: shapes never overlap or get cut.
+# Cell centres as fractions of the image side (x, y): a 2 x 2 grid. Each centre is moved by up to
+# JITTER in x and y. A large shape reaches MAX_EXTENT * 0.15 = 0.1725 from its centre, so it keeps
+# 0.25 - 0.02 - 0.1725 > 0 from every edge of its cell: shapes never overlap, never get cut and
+# never cross into a neighbouring cell.
 POSITIONS: Dict[str, Tuple[float, float]] = {
-    "left": (0.2, 0.5),
-    "right": (0.8, 0.5),
-    "top": (0.5, 0.2),
-    "bottom": (0.5, 0.8),
+    "top left": (0.25, 0.25),
+    "top right": (0.75, 0.25),
+    "bottom left": (0.25, 0.75),
+    "bottom right": (0.75, 0.75),
 }
 JITTER = 0.02
-POSITION_PHRASES: Dict[str, str] = {
-    "left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
-}
-CAPTION_ORDER: Tuple[str, ...] = ("top", "left", "right", "bottom")  # objects are listed in this order
+POSITION_PHRASES: Dict[str, str] = {p: f"at the {p}" for p in POSITIONS}
+CAPTION_ORDER: Tuple[str, ...] = tuple(POSITIONS)  # objects are listed in reading order
 
 SUPERSAMPLE = 4  # draw at 4x and box-average down: smooth edges, still exactly reproducible
 
@@ -253,7 +253,7 @@ def _article(word: str) -> str:
 
 
 def describe(objects: Sequence[SceneObject]) -> str:
-    """The stage-1 caption: 'A large red circle on the left and a small blue square at the top.'"""
+    """The stage-1 caption: 'A small blue square at the top left and a large red circle at the bottom right.'"""
     ordered = sorted(objects, key=lambda o: CAPTION_ORDER.index(o.position))
     parts = [f"a {o.size} {o.colour} {o.shape} {POSITION_PHRASES[o.position]}" for o in ordered]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]

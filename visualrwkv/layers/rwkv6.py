@@ -182,6 +182,13 @@ class Block(nn.Module):
         Returns (x, new_state)."""
         if self.layer_id == 0:
             x = self.ln0(x)
+        return self.body(x, state, backend=backend, valid=valid, cu_seqlens=cu_seqlens)
+
+    def body(self, x, state: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+             backend: str = "auto", valid: Optional[torch.Tensor] = None,
+             cu_seqlens: Optional[torch.Tensor] = None):
+        """The block without ln0: the same code for every layer, so torch.compile can reuse one
+        graph for all of them (RWKV6.compile_blocks compiles this)."""
         s_att, s_wkv, s_ffn = (None, None, None) if state is None else state
         a, s_att, s_wkv = self.att(self.ln1(x), s_att, s_wkv, backend=backend, valid=valid, cu_seqlens=cu_seqlens)
         x = x + a

@@ -136,15 +136,12 @@ class RWKV6(nn.Module):
         from visualrwkv.ops import wkv6
 
         opaque = torch.compiler.disable(wkv6)
-        # Every block shares one forward code object and differs in its static layer_id, so dynamo
-        # compiles one graph per block: let it keep them all (its default limit is 8).
-        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                     "accumulated_cache_size_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 4 * len(self.blocks) + 16))
+        # Block.body is the same code for every layer (ln0 of layer 0 stays outside it) and reads no
+        # per-layer Python constant, so dynamo builds one graph per input shape class and reuses it
+        # for all layers (parameters are graph inputs), instead of one compile per layer.
         for blk in self.blocks:
             blk.att.wkv_fn = opaque
-            blk.forward = torch.compile(blk.forward, dynamic=dynamic)
+            blk.body = torch.compile(blk.body, dynamic=dynamic)
         return self
 
     # ------------------------------------------------------------------------------------------
