@@ -20,7 +20,7 @@ N_TRAIN, N_TEST, SIZE = 150, 40, 64
 WORDS = {
     "colour": ("red", "green", "blue", "yellow", "purple", "orange"),
     "shape": ("circle", "square", "triangle", "star", "cross"),
-    "position": ("left", "right", "top", "bottom"),
+    "position": ("top left", "top right", "bottom left", "bottom right"),
 }
 SUFFIX = "\nAnswer the question using a single word or phrase."
 
@@ -59,8 +59,14 @@ def _expected_answer(qtype, question, objects):
     if qtype == "count":
         return str(len(objects))
     if qtype == "yesno":
-        assert len(colours) == 1 and len(shapes) == 1 and not positions, q
-        hit = any(o["colour"] == colours[0] and o["shape"] == shapes[0] for o in objects)
+        # One cell and one attribute: its colour, or the shape in it (the cell may be empty).
+        assert len(positions) == 1 and len(colours) + len(shapes) == 1, q
+        here = [o for o in objects if o["position"] == positions[0]]
+        if colours:
+            assert len(here) == 1, q  # colour questions are about an object that is there
+            hit = here[0]["colour"] == colours[0]
+        else:
+            hit = bool(here) and here[0]["shape"] == shapes[0]
         return "yes" if hit else "no"
     # Every other question names its object; exactly one object must fit what is named.
     assert colours or shapes or positions, q
@@ -95,7 +101,7 @@ def test_files_and_record_format(data):
         assert set(row) == {"question_id", "image", "text", "answer", "type", "category"}
         assert row["category"] == row["type"]
         assert "<image>" not in row["text"]
-        assert re.fullmatch(r"[a-z0-9]+", row["answer"]), row  # one word: exact match is meaningful
+        assert re.fullmatch(r"[a-z0-9]+( [a-z]+)?", row["answer"]), row  # a word or two: exact match is meaningful
     assert [r["question_id"] for r in test] == list(range(len(test)))
     answers = [json.loads(line) for line in Path(data["test_answers"]).read_text().splitlines()]
     assert answers == [{"question_id": r["question_id"], "answer": r["answer"], "type": r["type"]} for r in test]
@@ -130,7 +136,7 @@ def test_every_answer_matches_the_scene(data):
         assert row["answer"] == _expected_answer(row["type"], row["text"], scenes[row["image"]]["objects"])
         n += 1
     assert n >= N_TRAIN + N_TEST * len(synth.QUESTION_TYPES)
-    phrase = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+    phrase = {p: f"at the {p}" for p in WORDS["position"]}
     for rec in stage1:
         objects = scenes[rec["image"]]["objects"]
         caption = rec["conversations"][1]["value"].lower()
@@ -177,10 +183,19 @@ def test_pixels_match_the_scene(data):
                         for x in range(SIZE) for y in range(SIZE)
                         if math.hypot(x + 0.5 - o["cx"], y + 0.5 - o["cy"]) <= reach)
             ratio = drawn / (area[o["shape"]] * o["r"] ** 2)
-            assert 0.95 < ratio < 1.13, (name, o, ratio)
+            assert 0.95 < ratio < 1.17, (name, o, ratio)
             assert o["r"] == pytest.approx(synth.SIZES[o["size"]] * SIZE, abs=1e-3)
             fx, fy = synth.POSITIONS[o["position"]]
             assert abs(o["cx"] / SIZE - fx) <= synth.JITTER + 1e-3 and abs(o["cy"] / SIZE - fy) <= synth.JITTER + 1e-3
+            # The shape stays inside its cell of the 2 x 2 grid (one 32 px patch of the quickstart tower).
+            x0, y0 = (fx - 0.25) * SIZE, (fy - 0.25) * SIZE
+            reach_cell = synth.MAX_EXTENT * o["r"]
+            assert x0 <= o["cx"] - reach_cell and o["cx"] + reach_cell <= x0 + SIZE / 2
+            assert y0 <= o["cy"] - reach_cell and o["cy"] + reach_cell <= y0 + SIZE / 2
+            cell_px = [(x, y) for x in range(SIZE) for y in range(SIZE)
+                       if not (x0 <= x and x + 1 <= x0 + SIZE / 2 and y0 <= y and y + 1 <= y0 + SIZE / 2)
+                       and math.hypot(x + 0.5 - o["cx"], y + 0.5 - o["cy"]) <= reach_cell]
+            assert not cell_px, (name, o)
         # Distinct shapes, colours and slots; shapes never touch.
         for key in ("shape", "colour", "position"):
             assert len({o[key] for o in objects}) == len(objects)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
+from typing import Sequence, Union
 
 # Size of the small RWKV-6 ("x060") language model of the quickstart, as the original train.py
 # flags (SPEC §7) name them.
@@ -61,7 +61,8 @@ def clip_image_processor_class():
 
 def make_tiny_vision_tower(folder: Union[str, os.PathLike], image_size: int = 64, patch_size: int = 8,
                            hidden_size: int = 192, layers: int = 2, heads: int = 4,
-                           intermediate_size: int = 0, seed: int = 0) -> Path:
+                           intermediate_size: int = 0, seed: int = 0,
+                           image_mean: Sequence[float] = CLIP_MEAN, image_std: Sequence[float] = CLIP_STD) -> Path:
     """Write a random CLIP vision tower and its image processor into folder; returns the folder.
 
     The tower sees image_size x image_size pixels in patch_size patches, so its last_hidden_state
@@ -69,7 +70,7 @@ def make_tiny_vision_tower(folder: Union[str, os.PathLike], image_size: int = 64
     the defaults. intermediate_size defaults to 4 * hidden_size. The weights depend only on seed
     (the global torch random state is saved and restored around the initialisation). The processor
     resizes the shortest side to image_size (bicubic), centre-crops image_size x image_size and
-    normalises with the CLIP mean and std, so it also accepts photos of any size.
+    normalises with image_mean and image_std (default: CLIP's), so it also accepts photos of any size.
     """
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -107,8 +108,8 @@ def make_tiny_vision_tower(folder: Union[str, os.PathLike], image_size: int = 64
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
+        image_mean=list(image_mean),
+        image_std=list(image_std),
         do_convert_rgb=True,
     )
     processor.save_pretrained(folder)  # preprocessor_config.json

@@ -22,15 +22,21 @@ relative to ``OUT/images``, which is what ``--image_folder`` should point at)::
     OUT/scenes.json                   what was drawn on every image (for checking and debugging)
     OUT/info.json                     seed, sizes, counts, answer spaces, chance levels per type
 
-Question types (``"type"`` in the records) and their answers (always a single word)::
+Question types (``"type"`` in the records) and their answers (a word or two)::
 
-    colour    "What colour is the circle?"             -> red | green | blue | yellow | purple | orange
-    shape     "What shape is the red object?"          -> circle | square | triangle | star | cross
-    count     "How many shapes are there?"             -> 1 | 2 | 3
-    position  "Where is the blue square?"              -> top left | top right | bottom left | bottom right
-    size      "Is the red circle small or large?"      -> small | large
-    yesno     "Is there a green triangle?"             -> yes | no (balanced; "no" often swaps the
-                                                          colour and shape of two objects that are there)
+    colour    "What colour is the shape at the top left?"    -> red | green | blue | yellow | purple | orange
+    shape     "What shape is at the bottom right?"           -> circle | square | triangle | star | cross
+    count     "How many shapes are there?"                   -> 1 | 2 | 3
+    position  "Where is the blue shape?" / "Where is the star?"
+                                                             -> top left | top right | bottom left | bottom right
+    size      "Is the shape at the top right small or large?" -> small | large
+    yesno     "Is the shape at the top left red?" / "Is there a star at the bottom left?"
+                                                             -> yes | no (balanced; half of the "no"s name the
+                                                                colour or shape of another object in the image,
+                                                                and the asked cell may be empty)
+
+Attribute questions name their object by its cell, as the stage-1 captions do; position questions
+name it by its colour or its shape.
 
 Every question ends with LLaVA's "Answer the question using a single word or phrase." -- the
 same convention as the LLaVA mix665k short-answer data and the VQAv2 / GQA evaluation files.
@@ -119,21 +125,20 @@ CAPTION_PROMPTS: Tuple[str, ...] = (
     "Summarize the visual content of the image.",
 )
 
-# Each template names its target object in one way: {shape}, {colour} or {where} (a position
-# phrase); {a} is the article for the word after it. The answer is the target's attribute named
-# by the question type.
+# How a question names its object. colour / shape / size questions (and yes/no) name it by its
+# cell ({where}: "at the top left"), as the stage-1 captions list objects cell by cell; position
+# questions name it by one attribute ({colour} or {shape}) and ask for the cell. {a} is the
+# article for the word after it.
 TEMPLATES: Dict[str, Tuple[str, ...]] = {
     "colour": (
-        "What colour is the {shape}?",
-        "What color is the {shape}?",
-        "What is the colour of the {shape}?",
         "What colour is the shape {where}?",
+        "What color is the shape {where}?",
+        "What is the colour of the shape {where}?",
     ),
     "shape": (
-        "What shape is the {colour} object?",
-        "Which shape is {colour}?",
-        "What is the shape {where}?",
+        "What shape is {where}?",
         "What kind of shape is {where}?",
+        "Which shape is drawn {where}?",
     ),
     "count": (
         "How many shapes are there?",
@@ -141,20 +146,19 @@ TEMPLATES: Dict[str, Tuple[str, ...]] = {
         "How many objects can you see?",
     ),
     "position": (
-        "Where is the {colour} {shape}?",
-        "Where is the {shape}?",
         "Where is the {colour} shape?",
+        "Where is the {shape}?",
         "In which part of the image is the {shape}?",
+        "Where is the {colour} object?",
     ),
     "size": (
-        "Is the {colour} {shape} small or large?",
-        "What size is the {shape}?",
         "Is the shape {where} small or large?",
+        "What size is the shape {where}?",
     ),
+    # {colour} / {shape}: the one asked about, true or not.
     "yesno": (
-        "Is there {a} {colour} {shape}?",
-        "Is there {a} {colour} {shape} in the image?",
-        "Does the image contain {a} {colour} {shape}?",
+        "Is the shape {where} {colour}?",
+        "Is there {a} {shape} {where}?",
     ),
 }
 
@@ -273,20 +277,35 @@ def make_question(qtype: str, objects: Sequence[SceneObject], rng: random.Random
     if qtype == "yesno":
         if yes is None:
             yes = rng.random() < 0.5
-        if yes:
+        by_cell = {o.position: o for o in objects}
+        if "{colour}" in template:  # about the colour of an object in a named cell
             target = rng.choice(list(objects))
-            colour, shape = target.colour, target.shape
-        else:
-            present = {(o.colour, o.shape) for o in objects}
-            if len(objects) >= 2 and rng.random() < 0.5:
-                # Hard negative: the colour of one object with the shape of another.
-                a, b = rng.sample(list(objects), 2)
-                colour, shape = a.colour, b.shape
+            others = [o.colour for o in objects if o is not target]
+            if yes:
+                colour = target.colour
+            elif others and rng.random() < 0.5:
+                colour = rng.choice(others)  # hard negative: the colour of another object here
             else:
-                absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
-                colour, shape = rng.choice(absent)
-            assert (colour, shape) not in present
-        q = template.format(a=_article(colour), colour=colour, shape=shape)
+                colour = rng.choice([c for c in COLOURS if c != target.colour])
+            where, shape = target.position, target.shape
+        else:  # is there a given shape in a named cell (the cell may be empty)
+            if yes:
+                target = rng.choice(list(objects))
+                where, shape = target.position, target.shape
+            else:
+                where = rng.choice(list(POSITIONS))
+                here = by_cell.get(where)
+                others = [o.shape for o in objects if o is not here]
+                if others and rng.random() < 0.5:
+                    shape = rng.choice(others)  # hard negative: a shape that is in another cell
+                else:
+                    shape = rng.choice([x for x in SHAPES if here is None or x != here.shape])
+            colour = None
+        q = template.format(where=POSITION_PHRASES[where], colour=colour, shape=shape,
+                            a=_article(shape))
+        truth = (by_cell[where].colour == colour) if colour is not None else \
+            (where in by_cell and by_cell[where].shape == shape)
+        assert truth == yes
         return q, "yes" if yes else "no"
     target = rng.choice(list(objects))
     q = template.format(shape=target.shape, colour=target.colour,
