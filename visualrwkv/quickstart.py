@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="a very short run of the same pipeline (smoke test)")
     p.add_argument("--n_train", type=int, default=None, help="training images (default 12000; --fast 64)")
     p.add_argument("--n_test", type=int, default=None, help="held-out images, 6 questions each (default 100; --fast 4)")
-    p.add_argument("--stage1_steps", type=int, default=None, help="stage-1 micro-steps (default 150; --fast 4)")
+    p.add_argument("--stage1_steps", type=int, default=None, help="stage-1 micro-steps (default 600; --fast 4)")
     p.add_argument("--stage2_steps", type=int, default=None, help="stage-2 micro-steps (default 1100; --fast 6)")
     p.add_argument("--micro_bsz", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3, help="initial learning rate of both stages (cosine to lr/10)")
@@ -122,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(a.threads)
     n_train = a.n_train or (64 if a.fast else 12000)
     n_test = a.n_test or (4 if a.fast else 100)
-    s1 = a.stage1_steps if a.stage1_steps is not None else (4 if a.fast else 150)
+    s1 = a.stage1_steps if a.stage1_steps is not None else (4 if a.fast else 600)
     s2 = a.stage2_steps if a.stage2_steps is not None else (6 if a.fast else 1100)
     bsz = min(a.micro_bsz, 4) if a.fast else a.micro_bsz
     out = os.path.abspath(a.out)
@@ -148,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               "--beta1", "0.9", "--beta2", "0.99", "--adam_eps", "1e-8", "--random_seed", str(a.seed),
               "--freeze_rwkv", "0", "--wandb", "", "--log_every_n_steps", "10"]
 
-    _banner(f"2/5 stage 1: captions, {s1} steps (whole tiny model learns: it starts from random weights)")
+    _banner(f"2/5 stage 1: captions, {s1} steps (projector and language model learn: the RWKV starts from random weights)")
     _train(["--data_file", paths["stage1"], "--proj_dir", os.path.join(out, "stage1"),
             "--n_layer", str(a.n_layer or TINY_RWKV["n_layer"]), "--n_embd", str(a.n_embd or TINY_RWKV["n_embd"]),
             "--vocab_size", str(TINY_RWKV["vocab_size"]), "--epoch_steps", str(s1),
