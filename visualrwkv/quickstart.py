@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_train", type=int, default=None, help="training images (default 12000; --fast 64)")
     p.add_argument("--n_test", type=int, default=None, help="held-out images, 6 questions each (default 100; --fast 4)")
     p.add_argument("--stage1_steps", type=int, default=None, help="stage-1 micro-steps (default 600; --fast 4)")
-    p.add_argument("--stage2_steps", type=int, default=None, help="stage-2 micro-steps (default 1100; --fast 6)")
+    p.add_argument("--stage2_steps", type=int, default=None, help="stage-2 micro-steps (default 1500; --fast 6)")
     p.add_argument("--micro_bsz", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3, help="initial learning rate of both stages (cosine to lr/10)")
     p.add_argument("--image_position", default="last", choices=["first", "middle", "last"],
@@ -123,7 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     n_train = a.n_train or (64 if a.fast else 12000)
     n_test = a.n_test or (4 if a.fast else 100)
     s1 = a.stage1_steps if a.stage1_steps is not None else (4 if a.fast else 600)
-    s2 = a.stage2_steps if a.stage2_steps is not None else (6 if a.fast else 1100)
+    s2 = a.stage2_steps if a.stage2_steps is not None else (6 if a.fast else 1500)
     bsz = min(a.micro_bsz, 4) if a.fast else a.micro_bsz
     out = os.path.abspath(a.out)
     if os.path.exists(out) and not a.keep:
