@@ -103,6 +103,11 @@ def naive_decode(model, ids: List[int], emb: torch.Tensor, batch: int, n: int, b
         x = torch.cat([x, logits.argmax(-1, keepdim=True)], dim=1)
 
 
+def note(msg: str) -> None:
+    """Progress on stderr (first calls compile and autotune kernels: this shows where the time goes)."""
+    print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def peak_mib(device) -> Optional[float]:
     return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
 
@@ -203,10 +208,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = []
     for batch in batch_sizes:
         try:
-            engine_run(batch)  # warm-up (allocator, kernels, graph capture)
+            t0 = time.perf_counter()
+            engine_run(batch)  # warm-up (allocator, kernels, graph capture, compilation)
+            note(f"batch {batch}: engine warm-up {time.perf_counter() - t0:.1f} s")
             t_pre, tps = engine_run(batch)
             emb = model.encode_images(px)[0]
+            t0 = time.perf_counter()
             naive_decode(model, ids, emb, batch, 1, banned)  # warm-up
+            note(f"batch {batch}: naive warm-up {time.perf_counter() - t0:.1f} s")
             t_naive = timed(lambda: naive_decode(model, ids, emb, batch, a.naive_tokens, banned), device)
             naive_tps = batch * a.naive_tokens / t_naive
             rows.append((batch, t_pre * 1e3, tps, naive_tps, tps / naive_tps))
