@@ -37,15 +37,6 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _flush_denormals() -> None:
-    """Treat denormal floats as zero on the CPU. Training a small model from scratch produces
-    denormal gradients, and x86 arithmetic on them is very slow: a tiny-model training step took
-    ~15 s instead of ~1 s. Values below 1e-38 do not matter to any result here."""
-    import torch
-
-    torch.set_flush_denormal(True)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -61,7 +52,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"visualrwkv: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
-    _flush_denormals()
     try:
         fn = getattr(importlib.import_module(module), func)
         return int(fn(argv[1:]) or 0)

@@ -32,7 +32,6 @@ import os
 import shutil
 import sys
 import time
-from collections import defaultdict
 from typing import Dict, List, Optional
 
 from visualrwkv.errors import UserError
@@ -89,25 +88,21 @@ def _norm(text: str) -> str:
     return text.strip().lower().rstrip(".").strip()
 
 
+def _read_jsonl(path: str) -> List[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def score_answers(answers_path: str, test_path: str) -> Dict[str, Dict[str, float]]:
-    """Exact match (case and trailing period ignored) per question type, from eval's answer file."""
-    gold = {}
-    with open(test_path) as f:
-        for line in f:
-            if line.strip():
-                q = json.loads(line)
-                gold[str(q["question_id"])] = q
-    hits: Dict[str, List[bool]] = defaultdict(list)
-    with open(answers_path) as f:
-        for line in f:
-            if line.strip():
-                a = json.loads(line)
-                q = gold.get(str(a["question_id"]))
-                if q is not None:
-                    hits[q["type"]].append(_norm(a["text"]) == _norm(q["answer"]))
-    out = {t: {"n": len(v), "accuracy": sum(v) / len(v)} for t, v in sorted(hits.items())}
-    allv = [x for v in hits.values() for x in v]
-    out["all"] = {"n": len(allv), "accuracy": sum(allv) / max(1, len(allv))}
+    """Exact match (case and trailing period ignored) per question type, from eval's answer file:
+    type -> {"n", "accuracy" (a fraction)}, plus "all"."""
+    from visualrwkv.eval.metrics.common import group_metrics, load_answers
+
+    gold = {str(q["question_id"]): q for q in _read_jsonl(test_path)}
+    pairs = [(gold[k]["type"], _norm(a["text"]) == _norm(gold[k]["answer"]))
+             for a in load_answers(answers_path) if (k := str(a["question_id"])) in gold]
+    out = {t: {"n": m["n"], "accuracy": m["accuracy"] / 100} for t, m in group_metrics(pairs).items()}
+    out["all"] = {"n": len(pairs), "accuracy": sum(ok for _, ok in pairs) / max(1, len(pairs))}
     return out
 
 
@@ -180,8 +175,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     with open(os.path.join(out, "scores.json"), "w") as f:
         json.dump({"accuracy": scores, "chance": chance}, f, indent=1)
 
-    gold = [json.loads(line) for line in open(paths["test"]) if line.strip()]
-    got = {str(json.loads(line)["question_id"]): json.loads(line)["text"] for line in open(answers) if line.strip()}
+    gold = _read_jsonl(paths["test"])
+    got = {str(r["question_id"]): r["text"] for r in _read_jsonl(answers)}
     print("\nsample questions:")
     for q in gold[:: max(1, len(gold) // 6)][:6]:
         question = q["text"].split("\n")[0]

@@ -139,7 +139,7 @@ class VisualRWKV(nn.Module):
         check_state_dict(expected, given, source)
         # Own, aligned memory for every weight (not views into the memory-mapped file): training
         # writes them, and on the CPU compute on the file's mapping measured several times slower.
-        given = {k: (v.to(dtype) if (dtype is not None and v.is_floating_point()) else v).clone()
+        given = {k: (v.to(dtype, copy=True) if (dtype is not None and v.is_floating_point()) else v.clone())
                  for k, v in given.items()}
         model.load_state_dict(given, strict=False, assign=True)  # key sets were checked just above
         return model.to(device=device, dtype=dtype)
