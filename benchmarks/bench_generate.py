@@ -137,7 +137,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="context lengths for table 2 (default 1024,8192,24576 on GPU, 512,2048 on CPU; 'none' to skip)")
     p.add_argument("--cuda_graph", default="auto", choices=["auto", "on", "off"], help="engine decoding with CUDA graphs")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    p.add_argument("--compile", action="store_true", help="torch.compile the RWKV blocks (GPU): fewer, fused kernels")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoding step inside its CUDA graph (GPU): fewer, fused kernels")
+    p.add_argument("--prefill_runs", type=int, default=10,
+                   help="batch-1 prefills timed for the prefill table (eager vs CUDA graphs; 0 skips it)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one batch-1 prefill and 16 decoding steps (kernel time by category)")
     a = p.parse_args(argv)
 
     from visualrwkv.errors import UserError
@@ -163,8 +168,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     tok = get_tokenizer()
     model = build_model(shape, device, dtype)
-    if a.compile:
-        model.rwkv.compile_blocks()
     n_params = sum(p.numel() for p in model.rwkv.parameters())
     n_img = model.n_image_tokens
     banned_list = banned_newline_tokens(tok)
@@ -175,12 +178,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     isz = model.vit.config.image_size
     px = torch.randn(1, 3, isz, isz, generator=g).to(device, dtype)
     params = SamplingParams.greedy(a.new_tokens, banned_tokens=banned_list)
-    engine = Engine(model, tok, prefix_cache_size=0, max_batch_size=max(batch_sizes), cuda_graph=graphs)
+    engine = Engine(model, tok, prefix_cache_size=0, max_batch_size=max(batch_sizes), cuda_graph=graphs,
+                    compile=a.compile)
 
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"VisualRWKV generation benchmark: {dev_name}, {str(dtype).replace('torch.', '')}, shape {shape} "
           f"(RWKV {n_params / 1e6:.0f}M params, {n_img} image tokens), CUDA graphs "
-          f"{'on' if engine.graphs is not None else 'off'}")
+          f"{'on' if engine.graphs is not None else 'off'}, compiled decoding {'on' if a.compile else 'off'}")
     print(f"prompt: {n_img} image + {len(text)} text tokens; engine decodes {a.new_tokens}, naive {a.naive_tokens} "
           "tokens per row\n")
 
@@ -189,7 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         out = {}
 
         def prefill():
-            emb = model.encode_images(px)[0]
+            emb = engine.encode_images(px)[0]
             reqs = [GenerationRequest(ids, emb, None, params) for _ in range(batch)]
             out["batch"] = b = engine.new_batch()
             b.add(reqs)
@@ -226,6 +230,49 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("|---:|---:|---:|---:|---:|")
     for batch, pre, tps, ntps, sp in rows:
         print(f"| {batch} | {fmt(pre)} | {fmt(tps)} | {fmt(ntps)} | {fmt(sp, '.1f')}x |")
+
+    if a.prefill_runs > 0:
+        # Batch-1 prefill (tower + prompt -> first-token logits and state), the engine as configured
+        # against the same engine without CUDA graphs, median of --prefill_runs each.
+        eager = Engine(model, tok, prefix_cache_size=0, max_batch_size=1, cuda_graph=False)
+
+        def one_prefill(eng):
+            emb = eng.encode_images(px)[0]
+            b = eng.new_batch()
+            b.add([GenerationRequest(ids, emb, None, params)])
+            return b
+
+        res = {}
+        for name, eng in (("eager", eager), ("engine", engine)):
+            one_prefill(eng)  # warm-up (captures the graphs)
+            ts = sorted(timed(lambda: one_prefill(eng), device) for _ in range(a.prefill_runs))
+            res[name] = ts[len(ts) // 2] * 1e3
+        print(f"\nprefill, batch 1, {n_img} image + {len(text)} text tokens, vision tower included "
+              f"(median of {a.prefill_runs})")
+        print("| path | ms |\n|---|---:|")
+        print(f"| eager (no graphs) | {res['eager']:.1f} |")
+        print(f"| engine (CUDA graphs {'on' if engine.graphs is not None else 'off'}) | {res['engine']:.1f} |")
+
+    if a.profile and device.type == "cuda":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from gpu_profile import profile_table
+
+        emb1 = engine.encode_images(px)[0]
+
+        def prof_prefill():
+            b = engine.new_batch()
+            b.add([GenerationRequest(ids, emb1, None, params)])
+
+        print()
+        print(profile_table(lambda: engine.encode_images(px), label="vision tower, 1 image", repeat=5))
+        print()
+        print(profile_table(prof_prefill, label="prefill of the prompt (tower excluded), batch 1", repeat=5))
+        b = engine.new_batch()
+        b.add([GenerationRequest(ids, emb1, None, SamplingParams.greedy(10 ** 6, banned_tokens=banned_list))])
+        for _ in range(3):
+            b.step()
+        print()
+        print(profile_table(b.step, label="one decoding step, batch 1 (engine loop included)", repeat=16))
 
     if contexts:
         print(f"\ncontext length sweep (batch 1; engine decodes {a.new_tokens} tokens, naive runs one full forward)")

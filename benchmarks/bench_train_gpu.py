@@ -57,6 +57,8 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--text_min", type=int, default=None,
                    help="shortest text with --ragged (default text_len/2); lengths are uniform in [text_min, text_len]")
     p.add_argument("--compile", type=int, choices=[0, 1], default=0, help="torch.compile the RWKV blocks")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile one step (plain loop): kernel time by category (gpu_profile.py)")
     p.add_argument("--devices", type=int, default=1,
                    help="GPUs (with --lightning): > 1 runs DDP, one process per GPU, each with --micro_bsz")
     p.add_argument("--lightning", action="store_true",
@@ -167,6 +169,12 @@ def time_raw(model, params, batch, a, device) -> float:
         step()
     sync(device)
     dt = (time.perf_counter() - t0) / a.steps
+    if a.profile and device.type == "cuda":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from gpu_profile import profile_table
+
+        print(profile_table(step, label=f"one training step ({a.precision}, grad_cp {a.grad_cp}, compile {a.compile})"),
+              flush=True)
     del opt
     return dt
 

@@ -28,11 +28,14 @@ if [ "$WHAT" = train ] || [ "$WHAT" = all ]; then
   run train_stage1 240 python3 benchmarks/bench_train_gpu.py $S1 --steps 5 --warmup 2
   run train_stage1_compiled 240 python3 benchmarks/bench_train_gpu.py $S1 --steps 5 --warmup 2 --compile 1
   run train_stage2 200 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 1 --steps 3 --warmup 2
+  run train_stage2_compiled 240 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 1 --steps 3 --warmup 2 --compile 1 --profile
+  run train_stage2_compiled_nocp 240 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 0 --steps 3 --warmup 2 --compile 1
 fi
 if [ "$WHAT" = infer ] || [ "$WHAT" = all ]; then
-  run generate_compiled 200 python3 benchmarks/bench_generate.py --device cuda --compile --batch_sizes 1,64 --contexts none --naive_tokens 2
+  # --compile: the decoding step compiled inside its CUDA graph; the plain run right after is its baseline
+  run generate_compiled 300 python3 benchmarks/bench_generate.py --device cuda --compile --batch_sizes 1,64 --contexts none --naive_tokens 2 --text_tokens 40 --profile
+  run generate 150 python3 benchmarks/bench_generate.py --device cuda --batch_sizes 1,64 --contexts none --naive_tokens 2 --text_tokens 40
   run memory 150 python3 benchmarks/bench_memory_gpu.py --contexts 1024 8192 24576 --new_tokens 32
-  run generate 150 python3 benchmarks/bench_generate.py --device cuda --batch_sizes 1,64 --contexts none --naive_tokens 2
   run eval 90 python3 benchmarks/bench_eval.py --device cuda --shape 1.6b --batch_sizes 1,64
 fi
 if { [ "$WHAT" = ddp ] || [ "$WHAT" = all ]; } && [ "$NGPU" -ge 2 ]; then

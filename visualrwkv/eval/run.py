@@ -184,8 +184,8 @@ class _EmbeddingCache:
     """Projected image tokens of the last few images, keyed by pixel hash; new images of a refill
     go through the vision tower together."""
 
-    def __init__(self, model, size: int):
-        self.model = model
+    def __init__(self, engine, size: int):
+        self.engine = engine
         self.size = max(1, size)
         self.entries: "OrderedDict[str, Any]" = OrderedDict()
         self.tower_images = 0  # images that went through the tower (for tests and statistics)
@@ -198,10 +198,10 @@ class _EmbeddingCache:
             if item is not None and item[1] not in self.entries and item[1] not in new:
                 new[item[1]] = item[0]
         if new:
-            w = self.model.proj.weight
+            w = self.engine.model.proj.weight
             px = torch.cat(list(new.values())).to(w.device, w.dtype)
             with torch.no_grad():
-                embs = self.model.encode_images(px)
+                embs = self.engine.encode_images(px)
             self.tower_images += len(new)
             for k, key in enumerate(new):
                 self.entries[key] = embs[k]
@@ -232,7 +232,7 @@ def answer_jobs(pipe, jobs: Sequence[Job], batch_size: int = 32, image_folder: O
     batch_size = max(1, int(batch_size))
     refill_at = max(1, batch_size // REFILL_FRACTION)
     loader = _ImageLoader(pipe, jobs, image_folder, num_workers, ahead=2 * batch_size)
-    cache = _EmbeddingCache(pipe.model, size=batch_size)
+    cache = _EmbeddingCache(engine, size=batch_size)
     batch = engine.new_batch()
     stats = stats if stats is not None else {}
     stats.setdefault("prompt_tokens", 0)

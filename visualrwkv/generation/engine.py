@@ -131,11 +131,15 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, prefix_cache_size: int = 16, max_batch_size: int = 32,
-                 backend: str = "auto", prefill_chunk_tokens: int = 16384, cuda_graph: Optional[bool] = None):
+                 backend: str = "auto", prefill_chunk_tokens: int = 16384, cuda_graph: Optional[bool] = None,
+                 compile: bool = False):
         """prefill_chunk_tokens: long prompts are prefilled in pieces of about this many positions
         per call (summed over the rows), which bounds activation memory; the state carries across
         pieces, and a piece never splits the image (the placeholder is one id until it is spliced).
-        cuda_graph: decode with captured CUDA graphs (default: on when the model is on a GPU)."""
+        cuda_graph: decode, prefill short prompts and run the vision tower through captured CUDA
+        graphs (default: on when the model is on a GPU).
+        compile: also torch.compile the decoding step inside its graph (fused elementwise work:
+        fewer kernels per token; the first step of each batch size compiles, about a minute)."""
         from visualrwkv.tokenizer import get_tokenizer
 
         self.model = model.eval()
@@ -148,15 +152,33 @@ class Engine:
         if cuda_graph is None:
             cuda_graph = self.device.type == "cuda"
         self.graphs = None
+        self.prefill_graphs = None
+        self.tower_graphs = None
         if cuda_graph:
-            from visualrwkv.generation.cuda_graph import DecoderCache
+            from visualrwkv.generation.cuda_graph import DecoderCache, GraphedTower, PrefillGraphs
 
             # One captured decoder per power-of-two batch size (rows are padded up to it).
-            self.graphs = DecoderCache(model.rwkv, max_graphs=8)
+            self.graphs = DecoderCache(model.rwkv, max_graphs=8, compile=compile)
+            # Short prompts (launch-bound) replay a graph per padded length; long ones run eagerly.
+            self.prefill_graphs = PrefillGraphs(model.rwkv, backend=backend)
+            if model.vit is not None:
+                self.tower_graphs = GraphedTower(model)
 
     @property
     def device(self) -> torch.device:
         return self.model.proj.weight.device
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The model's ``encode_images`` (n, 3, H, W) -> (n, n_image_tokens, C), through a CUDA graph
+        when graphs are on."""
+        if self.tower_graphs is not None:
+            try:
+                return self.tower_graphs(pixel_values)
+            except Exception as e:  # capture can fail (memory, unsupported op): run the tower eagerly
+                log.warning("CUDA graph capture of the vision tower failed (%s); running it without graphs", e)
+                self.tower_graphs = None
+        return self.model.encode_images(pixel_values)
 
     # ------------------------------------------------------------------------------ checking
     def check_request(self, req: GenerationRequest) -> None:
@@ -254,7 +276,7 @@ class Engine:
             with_img = [b for b, piece in zip(rows, pieces) if IMAGE_TOKEN_INDEX in piece]
             sub = state if len(rows) == B else state.select(rows)
             lg, st = self.model.prefill(pieces, image_embeds=self._embeds([reqs[b] for b in with_img]), state=sub,
-                                        backend=self.backend)
+                                        backend=self.backend, runner=self.prefill_graphs)
             idx = torch.as_tensor(rows, device=self.device)
             logits.index_copy_(0, idx, lg)
             state.att_shift.index_copy_(1, idx, st.att_shift)

@@ -116,12 +116,12 @@ class Pipeline:
 
     def __init__(self, model, image_processor, tokenizer=None, image_position: str = "middle",
                  prefix_cache_size: int = 16, image_cache_size: int = 8, max_batch_size: int = 32,
-                 backend: str = "auto"):
+                 backend: str = "auto", compile: bool = False):
         from visualrwkv.data.conversation import check_image_position
 
         check_image_position(image_position)
         self.engine = Engine(model, tokenizer, prefix_cache_size=prefix_cache_size, max_batch_size=max_batch_size,
-                             backend=backend)
+                             backend=backend, compile=compile)
         self.model = self.engine.model
         self.tokenizer = self.engine.tokenizer
         self.image_processor = image_processor
@@ -170,7 +170,7 @@ class Pipeline:
             if emb is None:
                 with torch.no_grad():
                     w = self.model.proj.weight
-                    emb = self.model.encode_images(px.to(w.device, w.dtype))[0]
+                    emb = self.engine.encode_images(px.to(w.device, w.dtype))[0]
                 self._image_cache[key] = emb
                 while len(self._image_cache) > self._image_cache_size:
                     self._image_cache.popitem(last=False)

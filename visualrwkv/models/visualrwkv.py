@@ -287,21 +287,26 @@ class VisualRWKV(nn.Module):
     @torch.no_grad()
     def prefill(self, input_ids: Sequence[Sequence[int]], pixel_values: Optional[torch.Tensor] = None,
                 image_embeds: Optional[torch.Tensor] = None, state: Optional[RWKVState] = None,
-                backend: str = "auto") -> Tuple[torch.Tensor, RWKVState]:
+                backend: str = "auto", runner=None) -> Tuple[torch.Tensor, RWKVState]:
         """Run prompts (lists of ids, -200 for the image) in one parallel pass, with the scan.
         Rows may differ in length and in whether they hold an image (``pixel_values`` / ``image_embeds``
-        for the rows with an image, in order). Returns (last-token logits (B, V) float32, state)."""
+        for the rows with an image, in order). Returns (last-token logits (B, V) float32, state).
+
+        runner: optional ``(embeds, state, valid, scan_perm) -> (logits, state)`` that runs the
+        spliced prompt instead of a plain forward (the engine's CUDA-graph prefill); needs a state."""
         device = self.proj.weight.device
-        lengths = torch.tensor([len(x) for x in input_ids], device=device)
-        if int(lengths.min()) == 0:
+        if min(len(x) for x in input_ids) == 0:
             raise ValueError("empty prompt")
-        ids = torch.zeros(len(input_ids), int(lengths.max()), dtype=torch.long, device=device)
-        for b, x in enumerate(input_ids):
-            ids[b, : len(x)] = torch.tensor(list(x), dtype=torch.long, device=device)
+        # Padded ids built on the host and copied once (one transfer, not one per row).
+        T = max(len(x) for x in input_ids)
+        ids = torch.tensor([list(x) + [0] * (T - len(x)) for x in input_ids], dtype=torch.long).to(device)
+        lengths = torch.tensor([len(x) for x in input_ids]).to(device)
         if image_embeds is None and pixel_values is not None and pixel_values.shape[0] > 0:
             image_embeds = self.encode_images(pixel_values.to(device))
         mm = self.build_inputs(ids, lengths, image_embeds)
         valid = None if bool(mm.valid.all()) else mm.valid
+        if runner is not None and state is not None:
+            return runner(mm.embeds, state, valid, mm.scan_perm)
         logits, new_state = self.rwkv(inputs_embeds=mm.embeds, state=state, valid=valid, scan_perm=mm.scan_perm,
                                       backend=backend, last_only=True)
         return logits.float(), new_state

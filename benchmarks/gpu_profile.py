@@ -1,0 +1,66 @@
+"""Where GPU time goes: run a callable under torch.profiler and print CUDA kernel time by category
+and the top kernels, with the GPU's busy fraction of the wall time (low = launch/CPU-bound).
+
+    from gpu_profile import profile_table
+    print(profile_table(step, label="stage 2 step"))   # step: a no-argument callable
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Callable
+
+import torch
+
+# First matching pattern (lower-case substring of the kernel name) names the category.
+CATEGORIES = [
+    ("matmul (cuBLAS/CUTLASS)", ("gemm", "cutlass", "nvjet", "sm90_xmma", "sm80_xmma", "gemv", "splitk")),
+    ("attention (ViT sdpa)", ("flash", "fmha", "attention")),
+    ("WKV (fla Triton)", ("chunk", "rwkv", "fused_recurrent", "wy_", "_fwd_kernel", "_bwd_kernel")),
+    ("fused elementwise (inductor Triton)", ("triton_",)),
+    ("optimizer (multi-tensor)", ("multi_tensor", "adam")),
+    ("norms / softmax / loss", ("layer_norm", "group_norm", "softmax", "nll", "cross_entropy", "cunn_")),
+    ("reductions", ("reduce_kernel",)),
+    ("copies / gather / index", ("copy", "gather", "scatter", "index", "cat", "memcpy", "memset", "fill")),
+    ("elementwise (eager)", ("elementwise", "vectorized", "unrolled")),
+]
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    for cat, pats in CATEGORIES:
+        if any(p in low for p in pats):
+            return cat
+    return "other"
+
+
+def profile_table(fn: Callable[[], object], label: str = "", repeat: int = 1, top: int = 12) -> str:
+    """Profile ``repeat`` calls of fn (already warmed up) and return a printable breakdown."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / repeat
+    by_name = defaultdict(lambda: [0.0, 0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            by_name[ev.name][0] += ev.device_time / 1e3 / repeat  # ms per call
+            by_name[ev.name][1] += 1
+    total = sum(v[0] for v in by_name.values())
+    n_kernels = sum(v[1] for v in by_name.values()) / repeat
+    cats = defaultdict(float)
+    for name, (ms, _) in by_name.items():
+        cats[_category(name)] += ms
+    lines = [f"profile {label}: wall {wall * 1e3:.1f} ms per call, GPU kernels {total:.1f} ms "
+             f"({100 * total / max(wall * 1e3, 1e-9):.0f}% busy), {n_kernels:.0f} kernel launches",
+             "| category | ms | share of kernel time |", "|---|---:|---:|"]
+    for cat, ms in sorted(cats.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {cat} | {ms:.2f} | {100 * ms / max(total, 1e-9):.1f}% |")
+    lines += ["", f"top {top} kernels", "| kernel | calls | ms |", "|---|---:|---:|"]
+    for name, (ms, calls) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"| {name[:90]} | {calls // repeat} | {ms:.2f} |")
+    return "\n".join(lines)
