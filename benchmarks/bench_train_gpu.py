@@ -247,7 +247,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     model, vcfg = build_model(a, device)
     model.rwkv.grad_cp = bool(a.grad_cp)
     if a.compile and device.type == "cuda":
-        model.rwkv.compile_blocks()
+        from visualrwkv.train.model import compile_for_training
+
+        compile_for_training(model)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

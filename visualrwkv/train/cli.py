@@ -216,7 +216,7 @@ def train(cfg: TrainConfig) -> Optional[TrainResult]:
 
     from visualrwkv.train.callbacks import TrainCallback
     from visualrwkv.train.data import make_loader, prepare_records, resolve_num_workers
-    from visualrwkv.train.model import add_input_dropout, apply_freezing, build_model
+    from visualrwkv.train.model import add_input_dropout, apply_freezing, build_model, compile_for_training
     from visualrwkv.train.module import VisualRWKVTrainModule
     from visualrwkv.train.schedule import TrainSampler
 
@@ -275,7 +275,7 @@ def train(cfg: TrainConfig) -> Optional[TrainResult]:
     if cfg.compile:
         if not cuda:
             raise UserError("--compile 1 needs a CUDA GPU (torch.compile of the blocks is for GPU training)")
-        model.rwkv.compile_blocks()
+        compile_for_training(model)
     add_input_dropout(model, cfg.dropout)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())

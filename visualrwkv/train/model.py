@@ -147,3 +147,16 @@ def add_input_dropout(model, p: float) -> Optional[torch.utils.hooks.RemovableHa
         return (F.dropout(args[0], p=p, training=True),) + tuple(args[1:])
 
     return block0.register_forward_pre_hook(hook)
+
+
+def compile_for_training(model) -> None:
+    """torch.compile the RWKV blocks for GPU training (``--compile 1``).
+
+    The blocks are compiled one by one, so DDP needs none of dynamo's "DDP optimizer", which
+    splits a whole-model graph at gradient-bucket boundaries; on these per-block graphs (the WKV
+    kernel is a graph break) that pass fails in torch 2.x ("'int' object has no attribute 'meta'",
+    seen on 4 H100s), so it is switched off. DDP's gradient hooks still fire per parameter."""
+    import torch._dynamo
+
+    torch._dynamo.config.optimize_ddp = False
+    model.rwkv.compile_blocks()
