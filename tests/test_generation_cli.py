@@ -121,3 +121,10 @@ def test_user_mistakes_are_one_line(files, capsys, tmp_path):
         args[args.index("--device") + 1] = "cuda"
         err = _one_line_error(capsys, ["chat", *args, "--prompt", "hi"])
         assert "--device cuda was requested" in err
+
+
+def test_compile_on_a_cpu_is_one_clear_error(files, capsys):
+    tower, ckpt = files
+    err = _one_line_error(capsys, ["chat", "--model_path", ckpt, "--vision_tower_name", tower, "--device", "cpu",
+                                   "--compile", "1", "--image", example_image("bluejay.jpg"), "--prompt", "Hi"])
+    assert "--compile 1 needs a CUDA GPU" in err
