@@ -446,6 +446,8 @@ def check_images(questions: Sequence[Question], image_folder: Optional[str]) -> 
 # ==============================================================================================
 
 def build_parser() -> argparse.ArgumentParser:
+    from visualrwkv.generation.chat import add_compile_arg
+
     p = argparse.ArgumentParser(
         prog="visualrwkv eval",
         description="Answer a benchmark's questions with batched greedy decoding and write a JSONL answer file "
@@ -462,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto = fp32 on CPU, bf16 on GPU")
+    add_compile_arg(g)
     g.add_argument("--model_id", default=None,
                    help="name written into every answer (default: the checkpoint's file name)")
 
@@ -572,6 +575,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{len(questions) - len(todo)} of {len(questions)} questions{where} already answered; "
               f"answering the other {len(todo)}", file=sys.stderr)
 
+    from visualrwkv.generation.chat import compile_flag
     from visualrwkv.generation.pipeline import Pipeline
     from visualrwkv.generation.sampling import SamplingParams
 
@@ -581,7 +585,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prefix_cache = min(args.batch_size, 16) if args.image_position == "first" else 0
     pipe = Pipeline.load(args.model_path, args.vision_tower_name, grid_size=args.grid_size,
                          image_position=args.image_position, device=args.device, dtype=args.dtype,
-                         prefix_cache_size=prefix_cache, max_batch_size=args.batch_size)
+                         prefix_cache_size=prefix_cache, max_batch_size=args.batch_size, compile=compile_flag(args))
     params = SamplingParams.greedy(args.max_new_tokens)
     jobs = group_by_image([Job(q, q.prompt, q.image, params, f"question {q.id!r}") for q in todo])
     workers = args.num_workers if args.num_workers is not None else min(4, os.cpu_count() or 1)

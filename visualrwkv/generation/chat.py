@@ -37,9 +37,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto = fp32 on CPU, bf16 on GPU")
+    add_compile_arg(g)
+
+
+def add_compile_arg(g) -> None:
     g.add_argument("--compile", type=int, default=0, choices=[0, 1],
                    help="1: torch.compile the decoding step inside its CUDA graph (GPU only): 1.7x faster "
-                        "batch-1 decoding on an H100; the first answer per batch size waits ~1 min to compile")
+                        "batch-1 decoding on an H100; the first answer waits ~1 min to compile")
+
+
+def compile_flag(args) -> bool:
+    """--compile as a bool; one clear error when it cannot apply (no GPU)."""
+    from visualrwkv.errors import UserError
+    from visualrwkv.generation.pipeline import resolve_device
+
+    compile = bool(getattr(args, "compile", 0))
+    if compile and resolve_device(args.device).type != "cuda":
+        raise UserError("--compile 1 needs a CUDA GPU (it compiles the GPU decoding step); drop it on a CPU")
+    return compile
 
 
 def add_sampling_args(p: argparse.ArgumentParser, chat_defaults: bool = True) -> None:
@@ -71,12 +86,9 @@ def sampling_from_args(args):
 
 
 def load_pipeline_from_args(args, **kw):
-    from visualrwkv.errors import UserError
-    from visualrwkv.generation.pipeline import Pipeline, resolve_device
+    from visualrwkv.generation.pipeline import Pipeline
 
-    compile = bool(getattr(args, "compile", 0))
-    if compile and resolve_device(args.device).type != "cuda":
-        raise UserError("--compile 1 needs a CUDA GPU (it compiles the GPU decoding step); drop it on a CPU")
+    compile = compile_flag(args)
     return Pipeline.load(args.model_path, args.vision_tower_name, grid_size=args.grid_size,
                          image_position=args.image_position, device=args.device, dtype=args.dtype, compile=compile,
                          **kw)

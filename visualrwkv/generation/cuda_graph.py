@@ -34,6 +34,11 @@ from visualrwkv.models.rwkv6 import RWKV6, RWKVState
 
 log = logging.getLogger(__name__)
 
+# The server captures graphs lazily in one thread (the vision tower in a request thread, prefill and
+# decoding in the engine's worker) while others keep launching work: "thread_local" makes a capture
+# fail only on this thread's unsafe calls instead of on any CUDA call made elsewhere meanwhile.
+CAPTURE_MODE = "thread_local"
+
 
 def _layer_step(blk: Block, x: torch.Tensor, att_shift: torch.Tensor, wkv: torch.Tensor,
                 ffn_shift: torch.Tensor) -> torch.Tensor:
@@ -94,7 +99,7 @@ class GraphedDecoder:
         with torch.no_grad():
             _warm_up(self._step_body, warmup)
             self.load_state(rwkv.empty_state(batch_size))  # warm-up changed it; start clean
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_MODE):
                 self.logits = self._step_body()
 
     def _step_body(self) -> torch.Tensor:
@@ -167,7 +172,7 @@ class _PrefillGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad():
             _warm_up(self._body, warmup)
-            with torch.cuda.graph(self.graph, pool=pool):
+            with torch.cuda.graph(self.graph, pool=pool, capture_error_mode=CAPTURE_MODE):
                 self.logits, self.state_out = self._body()
 
     def _body(self):
@@ -252,7 +257,7 @@ class GraphedTower:
             px = pixel_values.clone()
             _warm_up(lambda: self.model.encode_images(px), 2)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=CAPTURE_MODE):
                 out = self.model.encode_images(px)
             entry = self._graphs[key] = (graph, px, out)
         graph, px, out = entry
