@@ -2,8 +2,8 @@
 # All GPU measurements of the project, each a benchmark script that prints a table (with its
 # baseline in the same process); logs go to $OUT (or ./gpu_logs). From the repository root:
 #   bash benchmarks/gpu_suite.sh train     # stage 1 / stage 2 steps, 1.6B shape, eager and compiled
-#   bash benchmarks/gpu_suite.sh infer     # generation (eager, compiled), prefill, memory vs Llama, eval
-#   bash benchmarks/gpu_suite.sh ddp       # stage 1 / stage 2 through Lightning on 1 GPU and DDP on all GPUs
+#   bash benchmarks/gpu_suite.sh infer     # generation (compiled decoding, then plain), prefill graphs vs eager, profiles, memory vs Llama, eval
+#   bash benchmarks/gpu_suite.sh ddp       # stage 1 / stage 2 through Lightning on 1 GPU and DDP on all GPUs (eager, compiled)
 #   bash benchmarks/gpu_suite.sh all
 # Needs torch with CUDA and fla (pip install '.[gpu]'). The first use of every fla / inductor kernel
 # compiles and autotunes it (minutes on a fresh machine); the Triton and inductor caches are kept in
@@ -43,4 +43,6 @@ if { [ "$WHAT" = ddp ] || [ "$WHAT" = all ]; } && [ "$NGPU" -ge 2 ]; then
   run train_stage1_ddp$NGPU 240 python3 benchmarks/bench_train_gpu.py --lightning --devices "$NGPU" $S1 --steps 5 --warmup 2
   run train_stage2_lightning_1gpu 200 python3 benchmarks/bench_train_gpu.py --lightning $S2 --grad_cp 1 --steps 3 --warmup 2
   run train_stage2_ddp$NGPU 240 python3 benchmarks/bench_train_gpu.py --lightning --devices "$NGPU" $S2 --grad_cp 1 --steps 3 --warmup 2
+  run train_stage2_lightning_1gpu_compiled 200 python3 benchmarks/bench_train_gpu.py --lightning $S2 --grad_cp 1 --steps 3 --warmup 2 --compile 1
+  run train_stage2_ddp${NGPU}_compiled 240 python3 benchmarks/bench_train_gpu.py --lightning --devices "$NGPU" $S2 --grad_cp 1 --steps 3 --warmup 2 --compile 1
 fi
