@@ -25,8 +25,10 @@ image, same text before it) continue from it instead of recomputing the image. (
 many distinct images gains nothing from it and may pass ``prefix_cache_size=0``.)
 
 Memory: long prompts are prefilled in pieces (``prefill_chunk_tokens``), the state carrying over;
-decoding holds only the fixed-size state per row. On a GPU, decoding steps replay captured CUDA
-graphs (``visualrwkv.generation.cuda_graph``), since a step is many small kernels.
+decoding holds only the fixed-size state per row. On a GPU, decoding steps, short prefills (padded
+to a length bucket) and the vision tower replay captured CUDA graphs
+(``visualrwkv.generation.cuda_graph``), since each is many small kernels; ``compile=True`` also
+fuses the decoding step's elementwise work with torch.compile.
 """
 from __future__ import annotations
 
