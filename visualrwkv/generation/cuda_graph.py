@@ -108,9 +108,7 @@ class GraphedDecoder:
     def load_state(self, state: RWKVState) -> None:
         if state.batch_size != self.batch_size:
             raise ValueError(f"state has batch {state.batch_size}, the graph was captured for {self.batch_size}")
-        self.static_state.att_shift.copy_(state.att_shift)
-        self.static_state.wkv.copy_(state.wkv)
-        self.static_state.ffn_shift.copy_(state.ffn_shift)
+        self.static_state.copy_(state)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (B,) long on any device -> logits (B, V) float32 (a static buffer: copy to keep)."""
@@ -185,9 +183,7 @@ class _PrefillGraph:
         self.valid.copy_(valid)
         if scan_perm is not None:
             self.scan_perm.copy_(scan_perm)
-        self.state_in.att_shift.copy_(state.att_shift)
-        self.state_in.wkv.copy_(state.wkv)
-        self.state_in.ffn_shift.copy_(state.ffn_shift)
+        self.state_in.copy_(state)
         self.graph.replay()
         return self.logits.clone(), self.state_out.clone()
 

@@ -47,6 +47,13 @@ class RWKVState:
     def clone(self) -> "RWKVState":
         return RWKVState(self.att_shift.clone(), self.wkv.clone(), self.ffn_shift.clone())
 
+    def copy_(self, other: "RWKVState") -> "RWKVState":
+        """Overwrite these buffers in place with ``other``'s values (CUDA graphs' static state)."""
+        self.att_shift.copy_(other.att_shift)
+        self.wkv.copy_(other.wkv)
+        self.ffn_shift.copy_(other.ffn_shift)
+        return self
+
     def select(self, index) -> "RWKVState":
         """Rows of the batch: ``index`` is an int, a list or a LongTensor of batch positions."""
         if isinstance(index, int):
