@@ -59,6 +59,10 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", type=int, choices=[0, 1], default=0, help="torch.compile the RWKV blocks")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile one step (plain loop): kernel time by category (gpu_profile.py)")
+    p.add_argument("--profile_top", type=int, default=12, help="kernels listed by --profile")
+    p.add_argument("--act_budget", type=float, default=None,
+                   help="with --compile 1: torch._functorch activation_memory_budget (0..1); below 1 the compiled "
+                        "graphs recompute their cheapest ops in backward instead of saving them")
     p.add_argument("--devices", type=int, default=1,
                    help="GPUs (with --lightning): > 1 runs DDP, one process per GPU, each with --micro_bsz")
     p.add_argument("--lightning", action="store_true",
@@ -173,8 +177,8 @@ def time_raw(model, params, batch, a, device) -> float:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from gpu_profile import profile_table
 
-        print(profile_table(step, label=f"one training step ({a.precision}, grad_cp {a.grad_cp}, compile {a.compile})"),
-              flush=True)
+        print(profile_table(step, label=f"one training step ({a.precision}, grad_cp {a.grad_cp}, compile {a.compile})",
+                            top=a.profile_top), flush=True)
     del opt
     return dt
 
@@ -249,6 +253,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.compile and device.type == "cuda":
         from visualrwkv.train.model import compile_for_training
 
+        if a.act_budget is not None:
+            from torch._functorch import config as functorch_config
+
+            functorch_config.activation_memory_budget = a.act_budget
+
         compile_for_training(model)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -256,7 +265,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     say(f"# {name} x {a.devices if a.lightning else 1}; model {model.rwkv.cfg.n_layer} x {model.rwkv.cfg.n_embd}, vocab {model.rwkv.cfg.vocab_size}, "
           f"{n_params / 1e9:.2f}B parameters incl. tower; {model.n_image_tokens} image tokens/sample; "
           f"precision {a.precision if device.type == 'cuda' else 'fp32'}; grad_cp {a.grad_cp}; pack {a.pack}; "
-          f"{'ragged (text %s..text_len)' % (a.text_min or 'text_len/2') if a.ragged else 'equal'} lengths; compile {a.compile}; "
+          f"{'ragged (text %s..text_len)' % (a.text_min or 'text_len/2') if a.ragged else 'equal'} lengths; compile {a.compile}"
+          f"{'' if a.act_budget is None else ' (activation budget %g)' % a.act_budget}; "
           f"{'lightning' if a.lightning else 'plain loop'}; built in {time.perf_counter() - t0:.0f}s")
     header = f"{'stage':>5} {'micro_bsz':>9} {'text_len':>8} {'seq_len':>7} {'step_ms':>9} {'samples/s':>10} " \
              f"{'tokens/s':>10} {'peak_GiB':>9}"

@@ -140,14 +140,14 @@ class RWKV6(nn.Module):
     def compile_blocks(self, dynamic: bool = True) -> "RWKV6":
         """Compile each block with torch.compile (GPU training/prefill): fuses the token shift,
         LoRA mixes, norms and gates into few kernels. The WKV kernel itself runs uncompiled."""
-        from visualrwkv.ops import wkv6
+        from visualrwkv.ops.wkv6 import compilable_wkv6
 
-        opaque = torch.compiler.disable(wkv6)
+        wkv_fn = compilable_wkv6()
         # Block.body is the same code for every layer (ln0 of layer 0 stays outside it) and reads no
         # per-layer Python constant, so dynamo builds one graph per input shape class and reuses it
         # for all layers (parameters are graph inputs), instead of one compile per layer.
         for blk in self.blocks:
-            blk.att.wkv_fn = opaque
+            blk.att.wkv_fn = wkv_fn
             blk.body = torch.compile(blk.body, dynamic=dynamic)
         return self
 

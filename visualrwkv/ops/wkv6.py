@@ -199,12 +199,14 @@ def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, ch
     return y.to(dtype), (S if output_final_state else None)
 
 
-def wkv6_fla(r, k, v, w, u, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """fla's Triton kernel. RWKV-6 needs scale=1.0 and the log-space decay -exp(w)."""
-    from fla.ops.rwkv6 import chunk_rwkv6
+def wkv6_fla(r, k, v, w, u, initial_state=None, output_final_state=False, cu_seqlens=None, kernel=None):
+    """fla's Triton kernel. RWKV-6 needs scale=1.0 and the log-space decay -exp(w).
+    ``kernel``: fla's ``chunk_rwkv6`` or a stand-in with its signature (default: imported here)."""
+    if kernel is None:
+        from fla.ops.rwkv6 import chunk_rwkv6 as kernel
 
-    g = -torch.exp(w.float())
-    y, final = chunk_rwkv6(
+    g = -torch.exp(w.float())  # (B, T, H, N) float32 log-decay
+    y, final = kernel(
         r, k, v, g, u,
         scale=1.0,
         initial_state=None if initial_state is None else initial_state.float(),
@@ -212,6 +214,33 @@ def wkv6_fla(r, k, v, w, u, initial_state=None, output_final_state=False, cu_seq
         cu_seqlens=cu_seqlens,
     )
     return y.to(r.dtype), (final.float() if (output_final_state and final is not None) else None)
+
+
+def compilable_wkv6():
+    """``wkv6`` for code that torch.compile traces (``RWKV6.compile_blocks``).
+
+    Only the kernel call is left out of the graph: on CUDA with fla, the log-decay ``-exp(w)``
+    and the dtype casts around fla's ``chunk_rwkv6`` are traced, so inductor fuses them into the
+    decay LoRA's kernel instead of running three more eager passes over a (B, T, C) float32
+    tensor per layer; every other case calls the whole of ``wkv6`` opaquely (the PyTorch backends
+    have data-dependent loops). fla is looked up once, here, not inside the traced code."""
+    opaque = torch.compiler.disable(wkv6)
+    kernel = None
+    if fla_available():
+        from fla.ops.rwkv6 import chunk_rwkv6
+
+        kernel = torch.compiler.disable(chunk_rwkv6)
+
+    def fn(r, k, v, w, u, initial_state=None, output_final_state=False, backend="auto", chunk_size=16,
+           cu_seqlens=None):
+        if kernel is not None and r.is_cuda and backend in ("auto", "fla"):
+            if cu_seqlens is not None and r.shape[0] != 1:
+                raise ValueError("packed sequences (cu_seqlens) need a batch of one row")
+            _check(r, k, v, w, u, None if cu_seqlens is not None else initial_state)
+            return wkv6_fla(r, k, v, w, u, initial_state, output_final_state, cu_seqlens, kernel=kernel)
+        return opaque(r, k, v, w, u, initial_state, output_final_state, backend, chunk_size, cu_seqlens)
+
+    return fn
 
 
 def wkv6_step(r, k, v, w, u, state):
