@@ -147,8 +147,10 @@ def sync(device) -> None:
 # ---------------------------------------------------------------------------------------------
 def time_raw(model, params, batch, a, device) -> float:
     """Seconds per step of a plain loop doing what Lightning's automatic optimization does."""
-    # As module.py: fused AdamW on CUDA (bf16 needs no gradient scaler, so clipping before the fused
-    # step is exact).
+    # As module.py: fused AdamW on CUDA; bf16 needs no gradient scaler, so the clipping is exact
+    # and folded into the fused step.
+    from visualrwkv.train.optim import clip_grad_norm_in_step_
+
     kw = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, **kw)
     autocast = device.type == "cuda" and a.precision == "bf16-mixed"
@@ -158,7 +160,10 @@ def time_raw(model, params, batch, a, device) -> float:
             out = model(input_ids=batch["input_ids"], labels=batch["labels"], pixel_values=batch["pixel_values"],
                         lengths=batch["lengths"], backend=a.backend, pack=bool(a.pack))
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if kw:
+            clip_grad_norm_in_step_(opt, params, 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -253,12 +258,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.compile and device.type == "cuda":
         from visualrwkv.train.model import compile_for_training
 
-        if a.act_budget is not None:
-            from torch._functorch import config as functorch_config
-
-            functorch_config.activation_memory_budget = a.act_budget
-
-        compile_for_training(model)
+        compile_for_training(model, 1.0 if a.act_budget is None else a.act_budget)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -83,6 +83,9 @@ def test_derived_fields():
     (["--accelerator", "cpu", "--strategy", "deepspeed_stage_2"], ["--strategy"]),
     (["--micro_bsz", "0"], ["--micro_bsz"]),
     (["--lr", "1e-3"], ["--lr"]),  # no abbreviations
+    (["--act_budget", "0.5"], ["--act_budget", "--compile 1"]),  # budget without compiled blocks
+    (["--compile", "1", "--grad_cp", "1", "--act_budget", "0.5"], ["--act_budget", "--grad_cp 0"]),
+    (["--compile", "1", "--act_budget", "0"], ["--act_budget"]),
 ])
 def test_bad_flags_one_clear_message(argv, words):
     with pytest.raises(UserError) as e:
@@ -91,6 +94,11 @@ def test_bad_flags_one_clear_message(argv, words):
     assert "\n" not in msg
     for w in words:
         assert w in msg
+
+
+def test_act_budget_parses_with_compiled_blocks():
+    assert parse_args(BASE + ["--compile", "1", "--act_budget", "0.5"]).act_budget == 0.5
+    assert parse_args(BASE).act_budget == 1.0
 
 
 def test_missing_data_file_flag():

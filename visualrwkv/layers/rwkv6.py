@@ -91,20 +91,24 @@ class TimeMix(nn.Module):
         Returns (out, new_shift, new_wkv_state)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
+        dt = compute_dtype(x)
+        x = x.to(dt)
         xx = token_shift(x, shift, cu_seqlens) - x  # shift(x) - x
-        xxx = x + xx * self.time_maa_x
+        xxx = x + xx * self.time_maa_x.to(dt)
         m = torch.tanh(xxx @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)  # (5, B*T, R)
         m = torch.bmm(m, self.time_maa_w2).view(5, B, T, C)  # (5, B, T, C)
         mw, mk, mv, mr, mg = m.unbind(0)
-        xw = x + xx * (self.time_maa_w + mw)
-        xk = x + xx * (self.time_maa_k + mk)
-        xv = x + xx * (self.time_maa_v + mv)
-        xr = x + xx * (self.time_maa_r + mr)
-        xg = x + xx * (self.time_maa_g + mg)
+        xw = x + xx * (self.time_maa_w.to(dt) + mw)
+        xk = x + xx * (self.time_maa_k.to(dt) + mk)
+        xv = x + xx * (self.time_maa_v.to(dt) + mv)
+        xr = x + xx * (self.time_maa_r.to(dt) + mr)
+        xg = x + xx * (self.time_maa_g.to(dt) + mg)
         r = self.receptance(xr)
         k = self.key(xk)
         v = self.value(xv)
         g = F.silu(self.gate(xg))
+        # The raw decay stays in the parameter's precision (float32 under autocast): exp(-exp(w))
+        # is sensitive to it.
         w = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2  # raw decay (B, T, C)
         if valid is not None:
             # k = 0 and decay = exp(-exp(-inf)) = 1 on padding: the state passes through unchanged.
@@ -121,7 +125,7 @@ class TimeMix(nn.Module):
                 cu_seqlens=cu_seqlens,
             )
             y = y.reshape(B, T, C)
-        y = self.ln_x(y.reshape(B * T, C).to(x.dtype)).view(B, T, C)
+        y = self.ln_x(y.reshape(B * T, C).to(dt)).view(B, T, C).to(dt)
         out = self.output(y * g)
         return out, _last(x, valid), new_state
 
@@ -138,11 +142,25 @@ class ChannelMix(nn.Module):
 
     def forward(self, x, shift=None, valid=None, cu_seqlens=None):
         """x: (B, T, C); shift: (B, C). Returns (out, new_shift)."""
+        dt = compute_dtype(x)
+        x = x.to(dt)
         xx = token_shift(x, shift, cu_seqlens) - x
-        xk = x + xx * self.time_maa_k
-        xr = x + xx * self.time_maa_r
+        xk = x + xx * self.time_maa_k.to(dt)
+        xr = x + xx * self.time_maa_r.to(dt)
         k = torch.relu(self.key(xk)) ** 2
         return torch.sigmoid(self.receptance(xr)) * self.value(k), _last(x, valid)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the token mixing: x's own, or autocast's (bf16) when autocast is on.
+
+    Under autocast (training with --precision bf16) LayerNorm returns float32 and the float32
+    time_maa_* parameters would keep every mix in float32, then cast each result to bf16 for its
+    matmul; mixing in bf16 instead halves the memory traffic of the token shift, the five LoRA
+    mixes and their gradients, which dominate the step's elementwise time. It is the arithmetic of
+    bf16 inference and of the original's bf16 training; without autocast nothing changes."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def token_shift(x: torch.Tensor, shift: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor] = None):

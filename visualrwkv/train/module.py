@@ -21,6 +21,7 @@ import torch
 
 from visualrwkv.constants import IGNORE_INDEX
 from visualrwkv.errors import UserError
+from visualrwkv.train.optim import clip_grad_norm_in_step_
 from visualrwkv.train.schedule import param_groups
 
 STATE_KEY = "visualrwkv"  # our entry in the Lightning checkpoint
@@ -179,10 +180,11 @@ class VisualRWKVTrainModule(pl.LightningModule):
                 and not self._has_grad_scaler():
             # A fused optimizer under bf16 autocast: there is no scaler, so the gradients are already
             # true gradients and clipping them here is exact (Lightning's AMP plugin refuses any fused
-            # optimizer because under fp16 it would clip scaled gradients).
+            # optimizer because under fp16 it would clip scaled gradients). By norm, the scaling
+            # itself happens inside the fused step.
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             if gradient_clip_algorithm in (None, "norm"):
-                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+                clip_grad_norm_in_step_(optimizer, params, gradient_clip_val)
             else:
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
             return

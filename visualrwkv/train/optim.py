@@ -1,0 +1,34 @@
+"""Gradient clipping folded into a fused AdamW step (plain PyTorch; used by the Lightning module
+and the GPU training benchmark)."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+
+def _drop_grad_scale(optimizer, args, kwargs) -> None:
+    optimizer.__dict__.pop("grad_scale", None)
+
+
+def clip_grad_norm_in_step_(optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter],
+                            max_norm: float) -> torch.Tensor:
+    """Clip the gradients' global L2 norm to ``max_norm`` inside the next fused ``optimizer.step()``.
+
+    A fused Adam/AdamW divides every gradient by ``optimizer.grad_scale`` as it reads it (the hook
+    torch's GradScaler uses to unscale inside fused steps). Setting it to max(norm / max_norm, 1)
+    is ``clip_grad_norm_`` (coefficient max_norm / (norm + 1e-6), at most 1) without its extra
+    read and write of every gradient: 15 ms of a 1.6B stage-2 step on an H100. The attribute is
+    removed after the step. Only for fused optimizers without a gradient scaler (bf16 or fp32):
+    under fp16 the scaler owns grad_scale. Returns the norm (a 0-dim tensor; no host sync)."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        raise ValueError("clip_grad_norm_in_step_ needs a fused optimizer (torch.optim.AdamW(..., fused=True))")
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)
+    if not getattr(optimizer, "_clip_hook_registered", False):
+        optimizer.register_step_post_hook(_drop_grad_scale)
+        optimizer._clip_hook_registered = True
+    return norm
