@@ -180,7 +180,9 @@ def time_raw(model, params, batch, a, device) -> float:
     dt = (time.perf_counter() - t0) / a.steps
     if a.profile and device.type == "cuda":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from gpu_profile import profile_table
+        from gpu_profile import count_syncs, profile_table
+
+        print(count_syncs(step), flush=True)
 
         print(profile_table(step, label=f"one training step ({a.precision}, grad_cp {a.grad_cp}, compile {a.compile})",
                             top=a.profile_top), flush=True)

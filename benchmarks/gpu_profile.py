@@ -47,7 +47,10 @@ def profile_table(fn: Callable[[], object], label: str = "", repeat: int = 1, to
         wall = (time.perf_counter() - t) / repeat
     by_name = defaultdict(lambda: [0.0, 0])
     for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
+        # User annotations (e.g. "Optimizer.step#AdamW.step") are also listed on the GPU timeline as
+        # ranges spanning their kernels: counting them would count those kernels twice.
+        if ev.device_type == torch.autograd.DeviceType.CUDA and not getattr(ev, "is_user_annotation", False) \
+                and "#" not in ev.name:
             by_name[ev.name][0] += ev.device_time / 1e3 / repeat  # ms per call
             by_name[ev.name][1] += 1
     total = sum(v[0] for v in by_name.values())
@@ -63,4 +66,28 @@ def profile_table(fn: Callable[[], object], label: str = "", repeat: int = 1, to
     lines += ["", f"top {top} kernels", "| kernel | calls | ms |", "|---|---:|---:|"]
     for name, (ms, calls) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
         lines.append(f"| {name[:90]} | {calls // repeat} | {ms:.2f} |")
+    return "\n".join(lines)
+
+
+def count_syncs(fn: Callable[[], object], top: int = 6) -> str:
+    """Run fn once with CUDA sync debugging on and report the host-device synchronisations it
+    makes (each one drains the GPU's queue, which then idles while the host launches again)."""
+    import collections
+    import warnings
+
+    torch.cuda.synchronize()
+    where = collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where[f"{w.filename.split('site-packages/')[-1]}:{w.lineno}"] += 1
+    n = sum(where.values())
+    lines = [f"host-device synchronisations in one call: {n}"]
+    lines += [f"  {count:>4} x {loc}" for loc, count in where.most_common(top)]
     return "\n".join(lines)

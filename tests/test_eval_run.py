@@ -109,6 +109,25 @@ def test_one_answer_per_question_equal_to_one_by_one(files, pipe, tmp_path, caps
         assert any("image" not in a for a in answers)  # the text-only question was answered
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_eval_compiled_answers_as_one_by_one(files, pipe, tmp_path, capsys):
+    """eval on a GPU in fp32 through the prefill/tower graphs, plain and with --compile 1 (the
+    compiled decoding step): the same answers as asking one question at a time on the CPU."""
+    qs = questions_of(JSONL, "custom")
+    for compile_flag in ("0", "1"):
+        out = tmp_path / f"answers{compile_flag}.jsonl"
+        argv = eval_args(files, JSONL, out, "custom")
+        argv[argv.index("--device") + 1] = "cuda"
+        rc, _, err = run_cli(capsys, *argv, "--dtype", "fp32", "--compile", compile_flag)
+        assert rc == 0, err
+        by_id = {str(a["question_id"]): a for a in read(out)}
+        assert len(by_id) == len(qs)
+        for q in qs:
+            image = q.load_image(IMAGES) if q.image is not None else None
+            assert by_id[str(q.id)]["text"] == pipe.ask(image, q.prompt, SamplingParams.greedy(MAX_NEW)).text
+
+
 def test_each_image_goes_through_the_tower_once(files):
     tower, ckpt = files
     pipe = Pipeline.load(ckpt, tower, image_position="first", device="cpu", prefix_cache_size=8)
