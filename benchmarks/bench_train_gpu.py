@@ -194,6 +194,7 @@ def time_lightning(model, batch, a, device) -> float:
     """Seconds per step through pl.Trainer with VisualRWKVTrainModule (the 'visualrwkv train' step)."""
     import lightning.pytorch as pl
 
+    from visualrwkv.train.cli import make_strategy
     from visualrwkv.train.config import TrainConfig
     from visualrwkv.train.module import VisualRWKVTrainModule
 
@@ -220,9 +221,11 @@ def time_lightning(model, batch, a, device) -> float:
     precision = "32-true" if device.type != "cuda" else a.precision
     multi = a.devices > 1
     # With DDP every rank steps through the same n batches (no distributed sampler: the list is a
-    # stand-in for a per-rank data stream), so each rank does a full micro-batch per step.
+    # stand-in for a per-rank data stream), so each rank does a full micro-batch per step. The DDP
+    # strategy is the one 'visualrwkv train --strategy ddp' builds (gradients in the buckets).
+    strategy = make_strategy(TrainConfig(data_file="-", strategy="ddp")) if multi else "auto"
     trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=a.devices,
-                         strategy="ddp" if multi else "auto", use_distributed_sampler=False, precision=precision,
+                         strategy=strategy, use_distributed_sampler=False, precision=precision,
                          max_steps=n, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
                          num_sanity_val_steps=0, limit_val_batches=0)

@@ -295,17 +295,17 @@ def test_default_precision_on_cpu_is_fp32():
 def test_optional_extras_missing_give_one_clear_message():
     import importlib.util
 
-    from visualrwkv.train.cli import _loggers, _strategy
+    from visualrwkv.train.cli import _loggers, make_strategy
 
     if importlib.util.find_spec("deepspeed") is None:
         with pytest.raises(UserError, match=r"deepspeed_stage_2 needs DeepSpeed.*pip install"):
-            _strategy(parse_args(BASE + ["--strategy", "deepspeed_stage_2"]))
+            make_strategy(parse_args(BASE + ["--strategy", "deepspeed_stage_2"]))
     if importlib.util.find_spec("wandb") is None:
         with pytest.raises(UserError, match=r"--wandb myproj needs the wandb package"):
             _loggers(parse_args(BASE + ["--wandb", "myproj", "--proj_dir", "/tmp/visualrwkv-test-noop"]))
     with pytest.raises(UserError, match="--strategy ddq: unknown"):
-        _strategy(parse_args(BASE + ["--strategy", "ddq"]))
+        make_strategy(parse_args(BASE + ["--strategy", "ddq"]))
     from lightning.pytorch.strategies import DDPStrategy
 
-    assert isinstance(_strategy(parse_args(BASE + ["--strategy", "ddp"])), DDPStrategy)
-    assert _strategy(parse_args(BASE)) == "auto"
+    assert isinstance(make_strategy(parse_args(BASE + ["--strategy", "ddp"])), DDPStrategy)
+    assert make_strategy(parse_args(BASE)) == "auto"

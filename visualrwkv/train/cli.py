@@ -68,7 +68,8 @@ def _precision(cfg: TrainConfig, cuda: bool) -> str:
     return PRECISIONS[cfg.precision]
 
 
-def _strategy(cfg: TrainConfig):
+def make_strategy(cfg: TrainConfig):
+    """The Lightning strategy object for --strategy (DDP, FSDP and DeepSpeed set up for this model)."""
     from lightning.pytorch.strategies import StrategyRegistry
 
     name = cfg.strategy
@@ -229,7 +230,7 @@ def train(cfg: TrainConfig) -> Optional[TrainResult]:
     os.makedirs(cfg.proj_dir, exist_ok=True)
     cuda = torch.cuda.is_available()
     cfg.lightning_precision = _precision(cfg, cuda)
-    strategy = _strategy(cfg)
+    strategy = make_strategy(cfg)
     loggers = _loggers(cfg)
     if cfg.random_seed >= 0:
         pl.seed_everything(cfg.random_seed, workers=True, verbose=False)
