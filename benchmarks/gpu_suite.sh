@@ -28,7 +28,10 @@ if [ "$WHAT" = train ] || [ "$WHAT" = all ]; then
   run train_stage1 240 python3 benchmarks/bench_train_gpu.py $S1 --steps 5 --warmup 2
   run train_stage1_compiled 240 python3 benchmarks/bench_train_gpu.py $S1 --steps 5 --warmup 2 --compile 1
   run train_stage2 200 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 1 --steps 3 --warmup 2
-  run train_stage2_compiled 240 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 1 --steps 3 --warmup 2 --compile 1 --profile
+  run train_stage2_compiled 240 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 1 --steps 3 --warmup 2 --compile 1
+  # the recommended one-GPU setting (profiled: kernel time by category, host syncs), and the longest batch with it
+  run train_stage2_compiled_b05 240 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 0 --steps 3 --warmup 2 --compile 1 --act_budget 0.5 --profile
+  run train_stage2_compiled_b05_longest 240 python3 benchmarks/bench_train_gpu.py --stages 2 --micro_bsz 8 --text_len 1400 --grad_cp 0 --steps 2 --warmup 1 --compile 1 --act_budget 0.5
   run train_stage2_compiled_nocp 240 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 0 --steps 3 --warmup 2 --compile 1
 fi
 if [ "$WHAT" = infer ] || [ "$WHAT" = all ]; then
@@ -43,6 +46,6 @@ if { [ "$WHAT" = ddp ] || [ "$WHAT" = all ]; } && [ "$NGPU" -ge 2 ]; then
   run train_stage1_ddp$NGPU 240 python3 benchmarks/bench_train_gpu.py --lightning --devices "$NGPU" $S1 --steps 5 --warmup 2
   run train_stage2_lightning_1gpu 200 python3 benchmarks/bench_train_gpu.py --lightning $S2 --grad_cp 1 --steps 3 --warmup 2
   run train_stage2_ddp$NGPU 240 python3 benchmarks/bench_train_gpu.py --lightning --devices "$NGPU" $S2 --grad_cp 1 --steps 3 --warmup 2
-  run train_stage2_lightning_1gpu_compiled 200 python3 benchmarks/bench_train_gpu.py --lightning $S2 --grad_cp 1 --steps 3 --warmup 2 --compile 1
-  run train_stage2_ddp${NGPU}_compiled 240 python3 benchmarks/bench_train_gpu.py --lightning --devices "$NGPU" $S2 --grad_cp 1 --steps 3 --warmup 2 --compile 1
+  run train_stage2_lightning_1gpu_compiled 200 python3 benchmarks/bench_train_gpu.py --lightning $S2 --grad_cp 0 --act_budget 0.5 --steps 3 --warmup 2 --compile 1
+  run train_stage2_ddp${NGPU}_compiled 240 python3 benchmarks/bench_train_gpu.py --lightning --devices "$NGPU" $S2 --grad_cp 0 --act_budget 0.5 --steps 3 --warmup 2 --compile 1
 fi
