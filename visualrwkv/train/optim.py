@@ -26,7 +26,10 @@ def clip_grad_norm_in_step_(optimizer: torch.optim.Optimizer, params: Iterable[t
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)
     if not getattr(optimizer, "_clip_hook_registered", False):
         optimizer.register_step_post_hook(_drop_grad_scale)
