@@ -85,9 +85,9 @@ def wkv6(
     starts from its own initial state (``initial_state`` is then (S, H, N, N)) and the final
     state is per sequence. This lets training skip padding entirely."""
     be = resolve_backend(backend, r.device)
+    _check_call(r, k, v, w, u, initial_state, cu_seqlens)
     if cu_seqlens is not None:
         return _wkv6_packed(r, k, v, w, u, initial_state, output_final_state, be, chunk_size, cu_seqlens)
-    _check(r, k, v, w, u, initial_state)
     if be == "reference":
         return wkv6_reference(r, k, v, w, u, initial_state, output_final_state)
     if be == "chunked":
@@ -95,9 +95,16 @@ def wkv6(
     return wkv6_fla(r, k, v, w, u, initial_state, output_final_state)
 
 
+def _check_call(r, k, v, w, u, initial_state, cu_seqlens):
+    """Packed sequences need one row (each sequence is checked when it runs); otherwise the shapes."""
+    if cu_seqlens is not None:
+        if r.shape[0] != 1:
+            raise ValueError("packed sequences (cu_seqlens) need a batch of one row")
+    else:
+        _check(r, k, v, w, u, initial_state)
+
+
 def _wkv6_packed(r, k, v, w, u, initial_state, output_final_state, backend, chunk_size, cu_seqlens):
-    if r.shape[0] != 1:
-        raise ValueError("packed sequences (cu_seqlens) need a batch of one row")
     if backend == "fla":
         return wkv6_fla(r, k, v, w, u, initial_state, output_final_state, cu_seqlens=cu_seqlens)
     # PyTorch backends: one call per sequence (used on CPU and to test the packed path).
@@ -234,9 +241,7 @@ def compilable_wkv6():
     def fn(r, k, v, w, u, initial_state=None, output_final_state=False, backend="auto", chunk_size=16,
            cu_seqlens=None):
         if kernel is not None and r.is_cuda and backend in ("auto", "fla"):
-            if cu_seqlens is not None and r.shape[0] != 1:
-                raise ValueError("packed sequences (cu_seqlens) need a batch of one row")
-            _check(r, k, v, w, u, None if cu_seqlens is not None else initial_state)
+            _check_call(r, k, v, w, u, initial_state, cu_seqlens)
             return wkv6_fla(r, k, v, w, u, initial_state, output_final_state, cu_seqlens, kernel=kernel)
         return opaque(r, k, v, w, u, initial_state, output_final_state, backend, chunk_size, cu_seqlens)
 
