@@ -12,7 +12,14 @@ the first quarter of the text (as with ``--image_position middle``), loss on the
     python benchmarks/bench_train_gpu.py --lightning --devices 2       # DDP on 2 GPUs (samples/s over both)
     python benchmarks/bench_train_gpu.py --ragged --pack 0             # padded batches, padding computed
     python benchmarks/bench_train_gpu.py --compile 1 --grad_cp 1       # torch.compile'd blocks, checkpointing
+    python benchmarks/bench_train_gpu.py --stages 2 --micro_bsz 8 --text_min 100 --text_len 1400 \
+        --lengths_from benchmarks/data/llava_sample_lengths.json --batches 8   # real record lengths, 8 batches
+    python benchmarks/bench_train_gpu.py --fla_sync_free 0             # fla's own state pass (host syncs)
     python benchmarks/bench_train_gpu.py --tiny                        # small model, runs on the CPU (smoke check)
+
+``benchmarks/data/llava_sample_lengths.json`` holds the text lengths of the 1000 records of the original
+project's sample data (``../shared/data/llava_sample/dummy.json``), made with ``length_pool`` here:
+short QA turns, median 87 text tokens, so it is lighter than the uniform 100..1400 of ``--ragged``.
 
 One step = forward + backward + gradient clipping (1.0) + AdamW step, with the precision of
 ``visualrwkv train --precision bf16`` (bf16 autocast, fp32 master weights; ``--precision bf16-true``
@@ -56,13 +63,23 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="samples of different lengths (text_min .. text_len), so a batch has padding")
     p.add_argument("--text_min", type=int, default=None,
                    help="shortest text with --ragged (default text_len/2); lengths are uniform in [text_min, text_len]")
+    p.add_argument("--batches", type=int, default=1,
+                   help="distinct random micro-batches the steps cycle through (1: the same batch every step)")
+    p.add_argument("--lengths_from", default=None,
+                   help="draw the text lengths from real data: a LLaVA JSON data file (tokenised as training does) "
+                        "or a JSON list of token counts; clipped to --text_min..--text_len")
     p.add_argument("--compile", type=int, choices=[0, 1], default=0, help="torch.compile the RWKV blocks")
+    p.add_argument("--compile_vit", type=int, choices=[0, 1], default=0,
+                   help="with --compile 1: also compile the frozen vision tower")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile one step (plain loop): kernel time by category (gpu_profile.py)")
     p.add_argument("--profile_top", type=int, default=12, help="kernels listed by --profile")
     p.add_argument("--act_budget", type=float, default=None,
                    help="with --compile 1: torch._functorch activation_memory_budget (0..1); below 1 the compiled "
                         "graphs recompute their cheapest ops in backward instead of saving them")
+    p.add_argument("--fla_sync_free", type=int, choices=[0, 1], default=1,
+                   help="packed fla calls size their state buffer on the host (1, default) or with fla's own "
+                        "per-call GPU read-back (0: the baseline of visualrwkv.ops.fla_varlen)")
     p.add_argument("--devices", type=int, default=1,
                    help="GPUs (with --lightning): > 1 runs DDP, one process per GPU, each with --micro_bsz")
     p.add_argument("--lightning", action="store_true",
@@ -113,19 +130,25 @@ def freeze(model, stage: int) -> List[torch.nn.Parameter]:
 
 
 def make_batch(B: int, text_len: int, image_size: int, vocab: int, device, gen: torch.Generator,
-               ragged: bool = False, text_min: Optional[int] = None) -> Dict:
-    """B samples of text_len ids (ragged: text_min .. text_len, right-padded with 0) with one image
-    placeholder after the first quarter; labels on the last half of each sample.
-    Shapes: input_ids/labels (B, text_len + 1), lengths (B,), pixel_values (B, 3, S, S)."""
-    ids = torch.randint(1, vocab, (B, text_len + 1), generator=gen)
-    if ragged:
-        lo = text_len // 2 if text_min is None else min(text_min, text_len)
-        lo = max(lo, max(1, text_len // 4) + 1)  # every row keeps its image placeholder
-        lengths = torch.randint(lo, text_len + 1, (B,), generator=gen) + 1
-        lengths[0] = text_len + 1  # the longest sets the padded width
+               ragged: bool = False, text_min: Optional[int] = None, pool: Optional[List[int]] = None) -> Dict:
+    """B samples of text_len ids (ragged: text_min .. text_len; pool: lengths drawn from this list,
+    clipped to text_min .. text_len; right-padded with 0) with one image placeholder in the first
+    quarter of the shortest row; labels on the last half of each sample.
+    Shapes: input_ids/labels (B, W), lengths (B,), pixel_values (B, 3, S, S); W = longest row."""
+    lo = text_len // 2 if text_min is None else min(text_min, text_len)
+    lo = max(lo, max(1, text_len // 4) + 1) if pool is None else max(lo, 2)  # room for the placeholder
+    if pool is not None:
+        picks = torch.randint(0, len(pool), (B,), generator=gen)
+        lengths = torch.tensor([min(max(pool[i], lo), text_len) for i in picks.tolist()]) + 1
+        ids = torch.randint(1, vocab, (B, int(lengths.max())), generator=gen)
     else:
-        lengths = torch.full((B,), text_len + 1, dtype=torch.long)
-    pos = max(1, text_len // 4)
+        ids = torch.randint(1, vocab, (B, text_len + 1), generator=gen)
+        if ragged:
+            lengths = torch.randint(lo, text_len + 1, (B,), generator=gen) + 1
+            lengths[0] = text_len + 1  # the longest sets the padded width
+        else:
+            lengths = torch.full((B,), text_len + 1, dtype=torch.long)
+    pos = max(1, (text_len if pool is None else int(lengths.min()) - 1) // 4)
     ids[:, pos] = IMAGE_TOKEN_INDEX
     labels = ids.clone()
     for b in range(B):
@@ -139,13 +162,35 @@ def make_batch(B: int, text_len: int, image_size: int, vocab: int, device, gen: 
             "pixel_values": torch.randn(B, 3, image_size, image_size, generator=gen).to(device)}
 
 
+def lengths_desc(a: argparse.Namespace) -> str:
+    if a.lengths_from:
+        return f"text lengths of {os.path.basename(a.lengths_from)} clipped to {a.text_min or 'text_len/2'}..text_len"
+    return f"ragged (text {a.text_min or 'text_len/2'}..text_len)" if a.ragged else "equal"
+
+
+def length_pool(path: str) -> List[int]:
+    """Text lengths in tokens (the image placeholder counted once) from a JSON list of ints, or from
+    a LLaVA data file tokenised with the training prompt format (image in the middle)."""
+    import json
+
+    with open(path) as f:
+        data = json.load(f)
+    if all(isinstance(x, int) for x in data):
+        return list(data)
+    from visualrwkv.data.conversation import tokenize_record
+    from visualrwkv.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    return [len(tokenize_record(r, tok, image_position="middle")[0]) for r in data]
+
+
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------
-def time_raw(model, params, batch, a, device) -> float:
+def time_raw(model, params, batches, a, device) -> float:
     """Seconds per step of a plain loop doing what Lightning's automatic optimization does."""
     # As module.py: fused AdamW on CUDA; bf16 needs no gradient scaler, so the clipping is exact
     # and folded into the fused step.
@@ -155,7 +200,11 @@ def time_raw(model, params, batch, a, device) -> float:
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, **kw)
     autocast = device.type == "cuda" and a.precision == "bf16-mixed"
 
+    turn = [0]
+
     def step():
+        batch = batches[turn[0] % len(batches)]
+        turn[0] += 1
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             out = model(input_ids=batch["input_ids"], labels=batch["labels"], pixel_values=batch["pixel_values"],
                         lengths=batch["lengths"], backend=a.backend, pack=bool(a.pack))
@@ -190,7 +239,7 @@ def time_raw(model, params, batch, a, device) -> float:
     return dt
 
 
-def time_lightning(model, batch, a, device) -> float:
+def time_lightning(model, batches, a, device) -> float:
     """Seconds per step through pl.Trainer with VisualRWKVTrainModule (the 'visualrwkv train' step)."""
     import lightning.pytorch as pl
 
@@ -198,11 +247,11 @@ def time_lightning(model, batch, a, device) -> float:
     from visualrwkv.train.config import TrainConfig
     from visualrwkv.train.module import VisualRWKVTrainModule
 
-    cpu_batch = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in batch.items()}
+    cpu = [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
     n = a.warmup + a.steps
-    # The same CPU batch every step (batch_size=None: no collation); Lightning moves it to the GPU
-    # each step, as in training.
-    loader = torch.utils.data.DataLoader([cpu_batch] * n, batch_size=None, pin_memory=device.type == "cuda")
+    # The batches in turn (batch_size=None: no collation); Lightning moves each to the GPU, as in training.
+    loader = torch.utils.data.DataLoader([cpu[i % len(cpu)] for i in range(n)], batch_size=None,
+                                         pin_memory=device.type == "cuda")
     cfg = TrainConfig(data_file="-", lr_init=1e-5, weight_decay=0.0, pack=a.pack)
     trainable = [n_ for n_, p in model.named_parameters() if p.requires_grad]
     module = VisualRWKVTrainModule(model, cfg, trainable)
@@ -257,40 +306,50 @@ def main(argv: Optional[List[str]] = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    from visualrwkv.ops import fla_varlen
+
+    fla_varlen.set_enabled(bool(a.fla_sync_free))
     t0 = time.perf_counter()
     model, vcfg = build_model(a, device)
     model.rwkv.grad_cp = bool(a.grad_cp)
     if a.compile and device.type == "cuda":
         from visualrwkv.train.model import compile_for_training
 
-        compile_for_training(model, 1.0 if a.act_budget is None else a.act_budget)
+        compile_for_training(model, 1.0 if a.act_budget is None else a.act_budget, compile_vit=bool(a.compile_vit))
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     say(f"# {name} x {a.devices if a.lightning else 1}; model {model.rwkv.cfg.n_layer} x {model.rwkv.cfg.n_embd}, vocab {model.rwkv.cfg.vocab_size}, "
           f"{n_params / 1e9:.2f}B parameters incl. tower; {model.n_image_tokens} image tokens/sample; "
           f"precision {a.precision if device.type == 'cuda' else 'fp32'}; grad_cp {a.grad_cp}; pack {a.pack}; "
-          f"{'ragged (text %s..text_len)' % (a.text_min or 'text_len/2') if a.ragged else 'equal'} lengths; compile {a.compile}"
+          f"{lengths_desc(a)} lengths; {a.batches} distinct batch(es); compile {a.compile}"
+          f"{' (vision tower too)' if a.compile and a.compile_vit else ''}"
           f"{'' if a.act_budget is None else ' (activation budget %g)' % a.act_budget}; "
+          f"{'' if a.fla_sync_free else 'fla state pass with host sync; '}"
           f"{'lightning' if a.lightning else 'plain loop'}; built in {time.perf_counter() - t0:.0f}s")
     header = f"{'stage':>5} {'micro_bsz':>9} {'text_len':>8} {'seq_len':>7} {'step_ms':>9} {'samples/s':>10} " \
              f"{'tokens/s':>10} {'peak_GiB':>9}"
     say(header)
     say("-" * len(header))
     gen = torch.Generator().manual_seed(0)
+    pool = length_pool(a.lengths_from) if a.lengths_from else None
     for stage in a.stages:
         params = freeze(model, stage)
         for B in a.micro_bsz:
             for T in a.text_len:
-                seq = T + model.n_image_tokens  # placeholder replaced by the image tokens
-                batch = make_batch(B, T, vcfg.image_size, model.rwkv.cfg.vocab_size, device, gen, a.ragged, a.text_min)
-                n_tok = int(batch["lengths"].sum()) + B * (model.n_image_tokens - 1)  # real tokens, no padding
+                batches = [make_batch(B, T, vcfg.image_size, model.rwkv.cfg.vocab_size, device, gen, a.ragged,
+                                      a.text_min, pool) for _ in range(max(1, a.batches))]
+                # longest row (the placeholder replaced by the image tokens); real tokens per step (no
+                # padding), averaged over the timed steps' batches
+                seq = max(int(b["lengths"].max()) for b in batches) - 1 + model.n_image_tokens
+                timed = [batches[i % len(batches)] for i in range(a.warmup, a.warmup + a.steps)]
+                n_tok = sum(int(b["lengths"].sum()) + B * (model.n_image_tokens - 1) for b in timed) / len(timed)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
                 try:
-                    dt = time_lightning(model, batch, a, device) if a.lightning else \
-                        time_raw(model, params, batch, a, device)
+                    dt = time_lightning(model, batches, a, device) if a.lightning else \
+                        time_raw(model, params, batches, a, device)
                 except torch.cuda.OutOfMemoryError:
                     say(f"{stage:>5} {B:>9} {T:>8} {seq:>7} {'OOM':>9}")
                     model.zero_grad(set_to_none=True)
@@ -302,7 +361,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 say(f"{stage:>5} {B:>9} {T:>8} {seq:>7} {dt * 1e3:>9.1f} {world * B / dt:>10.2f} "
                     f"{world * n_tok / dt:>10.0f} {peak:>9.2f}", flush=True)
                 model.zero_grad(set_to_none=True)
-                del batch
+                del batches, timed
                 gc.collect()
     return 0
 

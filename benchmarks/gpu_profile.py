@@ -46,6 +46,7 @@ def profile_table(fn: Callable[[], object], label: str = "", repeat: int = 1, to
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / repeat
     by_name = defaultdict(lambda: [0.0, 0])
+    spans = []  # (start_us, end_us, name) of every kernel, for the idle-gap table
     for ev in prof.events():
         # User annotations (e.g. "Optimizer.step#AdamW.step") are also listed on the GPU timeline as
         # ranges spanning their kernels: counting them would count those kernels twice.
@@ -53,6 +54,7 @@ def profile_table(fn: Callable[[], object], label: str = "", repeat: int = 1, to
                 and "#" not in ev.name:
             by_name[ev.name][0] += ev.device_time / 1e3 / repeat  # ms per call
             by_name[ev.name][1] += 1
+            spans.append((ev.time_range.start, ev.time_range.end, ev.name))
     total = sum(v[0] for v in by_name.values())
     n_kernels = sum(v[1] for v in by_name.values()) / repeat
     cats = defaultdict(float)
@@ -66,7 +68,33 @@ def profile_table(fn: Callable[[], object], label: str = "", repeat: int = 1, to
     lines += ["", f"top {top} kernels", "| kernel | calls | ms |", "|---|---:|---:|"]
     for name, (ms, calls) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
         lines.append(f"| {name[:90]} | {calls // repeat} | {ms:.2f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + idle_gaps(spans, repeat, top))
+
+
+def idle_gaps(spans, repeat: int = 1, top: int = 12, min_us: float = 20.0):
+    """Where the GPU waits: every gap of at least min_us between the end of all earlier kernels and
+    the start of the next one, charged to the kernel that starts after it (the work the host had not
+    launched yet: a sync before it, or slow launching of it). spans: (start_us, end_us, name)."""
+    spans = sorted(spans)
+    gaps = defaultdict(lambda: [0.0, 0])
+    total, n, busy_until = 0.0, 0, None
+    for start, end, name in spans:
+        if busy_until is not None and start - busy_until >= min_us:
+            gaps[name][0] += (start - busy_until) / 1e3 / repeat
+            gaps[name][1] += 1
+            total += (start - busy_until) / 1e3 / repeat
+            n += 1
+        busy_until = end if busy_until is None else max(busy_until, end)
+    by_cat = defaultdict(float)
+    for name, (ms, _) in gaps.items():
+        by_cat[_category(name)] += ms
+    lines = [f"GPU idle between kernels: {total:.1f} ms per call in {n / repeat:.0f} gaps of >= {min_us:g} us",
+             "| idle before a kernel of | ms |", "|---|---:|"]
+    lines += [f"| {cat} | {ms:.2f} |" for cat, ms in sorted(by_cat.items(), key=lambda kv: -kv[1])]
+    lines += ["", f"top {top} kernels by idle time before them", "| kernel | gaps | idle ms |", "|---|---:|---:|"]
+    for name, (ms, count) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"| {name[:90]} | {count // repeat} | {ms:.2f} |")
+    return lines
 
 
 def count_syncs(fn: Callable[[], object], top: int = 6) -> str:

@@ -361,3 +361,24 @@ def test_from_scratch_defines_model_from_flags(env, tmp_path):
     tower = _tower_sd(env)
     # --train_vit 1: the tower learned too
     assert any(not torch.equal(sd["vit.vision_model." + k], v) for k, v in tower.items() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_gradients_freed_right_after_the_optimizer_step(env, tmp_path, monkeypatch, accum):
+    # Lightning would zero them only after the next training_step, so that forward would run on top
+    # of a full set of stale gradients; inside an accumulation window they must stay.
+    from visualrwkv.train.module import VisualRWKVTrainModule
+
+    seen = []
+    step = VisualRWKVTrainModule.training_step
+
+    def spy(self, batch, batch_idx):
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        seen.append(any(p.grad is not None for p in trainable))
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(VisualRWKVTrainModule, "training_step", spy)
+    # --epoch_steps counts micro-batches: 4 of them are 4 / accum optimizer steps.
+    _run(_args(env, str(tmp_path), "--epoch_steps", 4, "--epoch_count", 1, "--epoch_save", 0, "--micro_bsz", 2,
+               "--accumulate_grad_batches", accum))
+    assert seen == [i % accum != 0 for i in range(4)]

@@ -31,3 +31,20 @@ def test_bench_tiny_smoke():
         assert float(row[4]) > 0 and float(row[6]) > 0  # step_ms, tokens/s
     r = _run("--tiny")
     assert r.returncode == 0 and len([l for l in r.stdout.splitlines() if l.strip()[:1].isdigit()]) == 2
+
+
+def test_bench_real_lengths_cycle_batches(tmp_path):
+    # --lengths_from a LLaVA data file (tokenised as training does) and several distinct batches.
+    import json
+
+    recs = [{"id": str(i), "image": "x.jpg", "conversations": [
+        {"from": "human", "value": "<image>\n" + "word " * (3 + 4 * i)}, {"from": "gpt", "value": "ok " * (2 + i)}]}
+        for i in range(6)]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(recs))
+    r = _run("--tiny", "--stages", "2", "--batches", "3", "--lengths_from", str(path), "--text_min", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "text lengths of data.json" in r.stdout and "3 distinct batch(es)" in r.stdout
+    rows = [l.split() for l in r.stdout.splitlines() if l.strip()[:1].isdigit()]
+    assert len(rows) == 1 and float(rows[0][4]) > 0
+    assert int(rows[0][3]) <= 32 + 1 + 16  # longest row: at most text_len plus the tiny tower's 17 tokens - 1

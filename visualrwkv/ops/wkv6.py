@@ -206,11 +206,23 @@ def wkv6_chunked(r, k, v, w, u, initial_state=None, output_final_state=False, ch
     return y.to(dtype), (S if output_final_state else None)
 
 
+@functools.lru_cache(maxsize=1)
+def _fla_chunk_rwkv6():
+    """fla's ``chunk_rwkv6``, with the host-sync-free state pass for packed calls registered
+    (``fla_varlen``: same results, no per-layer ``.item()``)."""
+    from fla.ops.rwkv6 import chunk_rwkv6
+
+    from visualrwkv.ops import fla_varlen
+
+    fla_varlen.install()
+    return chunk_rwkv6
+
+
 def wkv6_fla(r, k, v, w, u, initial_state=None, output_final_state=False, cu_seqlens=None, kernel=None):
     """fla's Triton kernel. RWKV-6 needs scale=1.0 and the log-space decay -exp(w).
     ``kernel``: fla's ``chunk_rwkv6`` or a stand-in with its signature (default: imported here)."""
     if kernel is None:
-        from fla.ops.rwkv6 import chunk_rwkv6 as kernel
+        kernel = _fla_chunk_rwkv6()
 
     g = -torch.exp(w.float())  # (B, T, H, N) float32 log-decay
     y, final = kernel(
@@ -234,9 +246,7 @@ def compilable_wkv6():
     opaque = torch.compiler.disable(wkv6)
     kernel = None
     if fla_available():
-        from fla.ops.rwkv6 import chunk_rwkv6
-
-        kernel = torch.compiler.disable(chunk_rwkv6)
+        kernel = torch.compiler.disable(_fla_chunk_rwkv6())
 
     def fn(r, k, v, w, u, initial_state=None, output_final_state=False, backend="auto", chunk_size=16,
            cu_seqlens=None):

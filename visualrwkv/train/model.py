@@ -149,7 +149,7 @@ def add_input_dropout(model, p: float) -> Optional[torch.utils.hooks.RemovableHa
     return block0.register_forward_pre_hook(hook)
 
 
-def compile_for_training(model, act_budget: float = 1.0) -> None:
+def compile_for_training(model, act_budget: float = 1.0, compile_vit: bool = False) -> None:
     """torch.compile the RWKV blocks for GPU training (``--compile 1``).
 
     act_budget < 1 (``--act_budget``): the partitioner of every compiled graph keeps at most that
@@ -160,10 +160,16 @@ def compile_for_training(model, act_budget: float = 1.0) -> None:
     The blocks are compiled one by one, so DDP needs none of dynamo's "DDP optimizer", which
     splits a whole-model graph at gradient-bucket boundaries; on these per-block graphs (the WKV
     kernel is a graph break) that pass fails in torch 2.x ("'int' object has no attribute 'meta'",
-    seen on 4 H100s), so it is switched off. DDP's gradient hooks still fire per parameter."""
+    seen on 4 H100s), so it is switched off. DDP's gradient hooks still fire per parameter.
+
+    compile_vit: also compile a frozen vision tower's forward in place (``nn.Module.compile``, so
+    its state-dict keys stay as they are); eager, its ~360 small kernels per step are launched one
+    by one and the GPU waits between them."""
     import torch._dynamo
     from torch._functorch import config as functorch_config
 
     torch._dynamo.config.optimize_ddp = False
     functorch_config.activation_memory_budget = float(act_budget)
     model.rwkv.compile_blocks()
+    if compile_vit and model.vit is not None and model.freeze_vit:
+        model.vit.compile(dynamic=True)

@@ -167,6 +167,15 @@ class VisualRWKVTrainModule(pl.LightningModule):
             kw = {"fused": True} if (cuda or _cpu_fused_adamw()) else {}
         return torch.optim.AdamW(groups, lr=cfg.lr_init, betas=betas, eps=cfg.adam_eps, **kw)
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Free the gradients as soon as they are used. Lightning zeroes them inside the next step's
+        # closure, after training_step, so the next forward's activations would pile up on a full set
+        # of last step's gradients (stage 2 at 1.6B on one GPU: +4.9 GiB of peak memory). DeepSpeed
+        # keeps its gradients in its own buffers.
+        if not strategy_kind(self.trainer.strategy).startswith("deepspeed"):
+            optimizer.zero_grad(set_to_none=True)
+
     def _has_grad_scaler(self) -> bool:
         return getattr(self.trainer.precision_plugin, "scaler", None) is not None
 
