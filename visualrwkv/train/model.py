@@ -171,5 +171,14 @@ def compile_for_training(model, act_budget: float = 1.0, compile_vit: bool = Fal
     torch._dynamo.config.optimize_ddp = False
     functorch_config.activation_memory_budget = float(act_budget)
     model.rwkv.compile_blocks()
-    if compile_vit and model.vit is not None and model.freeze_vit:
-        model.vit.compile(dynamic=True)
+    if compile_vit:
+        compile_frozen_tower(model)
+
+
+def compile_frozen_tower(model) -> bool:
+    """torch.compile a frozen vision tower's forward in place (its state-dict keys are unchanged).
+    Returns whether it did: a trainable tower is left eager."""
+    if model.vit is None or not model.freeze_vit:
+        return False
+    model.vit.compile(dynamic=True)
+    return True
