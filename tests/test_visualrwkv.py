@@ -240,3 +240,21 @@ def test_tower_keys_use_the_released_layout(tower, tmp_path):
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, sd[k]), k
     model.load_state_dict(sd, strict=True)  # round trip through the module's own hooks
+
+
+def test_compiled_frozen_tower_gives_the_same_image_tokens(tower):
+    # --compile_vit of the GPU benchmark: the frozen tower compiled in place, keys and outputs unchanged.
+    from visualrwkv.train.model import compile_frozen_tower
+
+    m = _model(tower).eval()
+    px = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    keys = list(m.state_dict())
+    with torch.no_grad():
+        ref = m.encode_images(px)
+        assert compile_frozen_tower(m)
+        out = m.encode_images(px)
+        two = m.encode_images(px[:2])  # another image count: dynamic, no error
+    assert list(m.state_dict()) == keys
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5) and torch.allclose(two, ref[:2], atol=1e-5, rtol=1e-5)
+    m.freeze_vit = False
+    assert not compile_frozen_tower(m)  # a trainable tower stays eager
