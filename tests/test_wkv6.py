@@ -172,3 +172,28 @@ def test_fla_packed_is_sync_free_and_exact():
     assert rel(free[0].float(), y_ref) < 1e-2
     for a, b in zip(free[1:], xs):
         assert rel(a.float(), b.grad) < 2e-2
+
+
+def test_sync_free_state_pass_registers_with_fla_for_packed_calls_only():
+    # Runs wherever fla imports (it needs triton, not a GPU); the GPU test above checks the results.
+    pytest.importorskip("triton")
+    try:
+        from fla.backends import _get_operation_registry
+        from fla.ops.common.chunk_h import chunk_fwd_h  # noqa: F401
+    except Exception:
+        pytest.skip("flash-linear-attention is not importable here")
+    from visualrwkv.ops import fla_varlen
+
+    assert fla_varlen.install() and fla_varlen.install()  # once, then the same answer
+    backends = [b for b in _get_operation_registry("common")._backends.values()
+                if b.backend_type == "visualrwkv_sync_free_varlen"]
+    assert len(backends) == 1
+    b = backends[0]
+    k = torch.zeros(1, 10, 2, 4)
+    assert b.verify("chunk_fwd_h", k=k, v=k, cu_seqlens=torch.tensor([0, 3, 10]))[0]
+    assert not b.verify("chunk_fwd_h", k=k, v=k)[0]  # unpacked: fla's own path (it has no sync)
+    fla_varlen.set_enabled(False)
+    try:
+        assert not b.is_enabled()
+    finally:
+        fla_varlen.set_enabled(True)

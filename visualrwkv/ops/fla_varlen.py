@@ -11,7 +11,8 @@ chunk index from ``chunk_indices``/``split_offsets`` (never by ``h.shape``), so 
 the host from the packed length and the number of sequences gives the same results with no sync.
 The replacement is registered through fla's own backend registry (``fla.backends.register``) for
 the ``chunk_fwd_h`` entry point, only for packed calls, and only when the installed fla's
-``chunk_fwd_h`` has the signature this was written against; otherwise fla's own code runs.
+``chunk_fwd_h`` and its kernel have the signatures this was written against; otherwise fla's own
+code runs.
 """
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ import torch
 # The signature of fla-core 0.6.0's fla.ops.common.chunk_h.chunk_fwd_h.
 _EXPECTED_PARAMS = ("k", "v", "g", "g_gamma", "gk", "gv", "h0", "output_final_state", "state_v_first",
                     "cu_seqlens", "chunk_size", "split_size", "states_in_fp32")
+
+# ... and of the Triton kernel it launches (fla.ops.common.chunk_h.chunk_fwd_kernel_h).
+_EXPECTED_KERNEL_ARGS = ("k", "v", "h", "g", "g_gamma", "gk", "gv", "h0", "ht", "cu_seqlens", "split_offsets", "T",
+                         "H", "K", "V", "BT", "BS", "BK", "BV", "USE_G", "USE_G_GAMMA", "USE_GK", "USE_GV",
+                         "USE_INITIAL_STATE", "STORE_FINAL_STATE", "IS_VARLEN", "STATE_V_FIRST")
 
 _enabled = True
 _installed: "bool | None" = None
@@ -55,8 +61,9 @@ def install() -> bool:
         return False
     entry = inspect.unwrap(chunk_h.chunk_fwd_h)
     params = tuple(inspect.signature(entry).parameters)
-    if params != _EXPECTED_PARAMS or not hasattr(chunk_h, "chunk_fwd_kernel_h"):
-        return False
+    kernel_args = tuple(getattr(getattr(chunk_h, "chunk_fwd_kernel_h", None), "arg_names", None) or ())
+    if params != _EXPECTED_PARAMS or kernel_args != _EXPECTED_KERNEL_ARGS:
+        return False  # another fla: its own chunk_fwd_h runs
     signature = inspect.signature(entry)
 
     class SyncFreeVarlen(BaseBackend):
