@@ -175,6 +175,8 @@ def length_pool(path: str) -> List[int]:
 
     with open(path) as f:
         data = json.load(f)
+    if not isinstance(data, list) or not data:
+        raise ValueError("expected a non-empty JSON list of LLaVA records or of token counts")
     if all(isinstance(x, int) for x in data):
         return list(data)
     from visualrwkv.data.conversation import tokenize_record
@@ -306,7 +308,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    from visualrwkv.errors import UserError
     from visualrwkv.ops import fla_varlen
+
+    try:  # before the model is built: a bad file fails in a second, not after the build
+        pool = length_pool(a.lengths_from) if a.lengths_from else None
+    except (OSError, ValueError, UserError) as e:  # bad path, not JSON, not a list of records or ints
+        print(f"bench_train_gpu.py: --lengths_from {a.lengths_from}: cannot read lengths ({e})", file=sys.stderr)
+        return 2
 
     fla_varlen.set_enabled(bool(a.fla_sync_free))
     t0 = time.perf_counter()
@@ -332,7 +341,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     say(header)
     say("-" * len(header))
     gen = torch.Generator().manual_seed(0)
-    pool = length_pool(a.lengths_from) if a.lengths_from else None
     for stage in a.stages:
         params = freeze(model, stage)
         for B in a.micro_bsz:

@@ -48,3 +48,11 @@ def test_bench_real_lengths_cycle_batches(tmp_path):
     rows = [l.split() for l in r.stdout.splitlines() if l.strip()[:1].isdigit()]
     assert len(rows) == 1 and float(rows[0][4]) > 0
     assert int(rows[0][3]) <= 32 + 1 + 16  # longest row: at most text_len plus the tiny tower's 17 tokens - 1
+
+
+def test_bench_bad_lengths_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"not": "a list"}')
+    for path in (str(tmp_path / "missing.json"), str(bad)):
+        r = _run("--tiny", "--lengths_from", path)
+        assert r.returncode == 2 and "--lengths_from" in r.stderr and "Traceback" not in r.stderr

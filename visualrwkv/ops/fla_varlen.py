@@ -59,12 +59,10 @@ def install() -> bool:
         from fla.ops.utils import prepare_chunk_offsets
     except Exception:
         return False
-    entry = inspect.unwrap(chunk_h.chunk_fwd_h)
-    params = tuple(inspect.signature(entry).parameters)
+    signature = inspect.signature(inspect.unwrap(chunk_h.chunk_fwd_h))
     kernel_args = tuple(getattr(getattr(chunk_h, "chunk_fwd_kernel_h", None), "arg_names", None) or ())
-    if params != _EXPECTED_PARAMS or kernel_args != _EXPECTED_KERNEL_ARGS:
+    if tuple(signature.parameters) != _EXPECTED_PARAMS or kernel_args != _EXPECTED_KERNEL_ARGS:
         return False  # another fla: its own chunk_fwd_h runs
-    signature = inspect.signature(entry)
 
     class SyncFreeVarlen(BaseBackend):
         backend_type = "visualrwkv_sync_free_varlen"
