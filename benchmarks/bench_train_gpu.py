@@ -77,6 +77,13 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--act_budget", type=float, default=None,
                    help="with --compile 1: torch._functorch activation_memory_budget (0..1); below 1 the compiled "
                         "graphs recompute their cheapest ops in backward instead of saving them")
+    p.add_argument("--act_estimator", choices=["flops", "profile"], default="flops",
+                   help="with --act_budget: how the partitioner prices recomputation (torch._functorch "
+                        "activation_memory_budget_runtime_estimator): flop counts (elementwise ops look free) "
+                        "or timing each op on the GPU")
+    p.add_argument("--inductor", default="",
+                   help="with --compile 1: comma-separated torch._inductor.config settings, e.g. "
+                        "coordinate_descent_tuning=1,max_autotune=1 (ints, floats and words as given)")
     p.add_argument("--fla_sync_free", type=int, choices=[0, 1], default=1,
                    help="packed fla calls size their state buffer on the host (1, default) or with fla's own "
                         "per-call GPU read-back (0: the baseline of visualrwkv.ops.fla_varlen)")
@@ -184,6 +191,29 @@ def length_pool(path: str) -> List[int]:
 
     tok = get_tokenizer()
     return [len(tokenize_record(r, tok, image_position="middle")[0]) for r in data]
+
+
+def inductor_settings(spec: str) -> None:
+    """Apply ``key=value,...`` to torch._inductor.config (values: int, float, else the word)."""
+    from torch._inductor import config as inductor_config
+
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        key, _, raw = item.partition("=")
+        obj, _, attr = key.rpartition(".")
+        target = inductor_config
+        for part in filter(None, obj.split(".")):
+            target = getattr(target, part)
+        if not hasattr(target, attr):
+            raise SystemExit(f"bench_train_gpu.py: --inductor {item}: torch._inductor.config has no {key}")
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                continue
+        else:
+            value = raw
+        setattr(target, attr, value)
 
 
 def sync(device) -> None:
@@ -325,6 +355,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from visualrwkv.train.model import compile_for_training
 
         compile_for_training(model, 1.0 if a.act_budget is None else a.act_budget, compile_vit=bool(a.compile_vit))
+        from torch._functorch import config as functorch_config
+
+        functorch_config.activation_memory_budget_runtime_estimator = a.act_estimator
+        inductor_settings(a.inductor)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -333,8 +367,9 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"precision {a.precision if device.type == 'cuda' else 'fp32'}; grad_cp {a.grad_cp}; pack {a.pack}; "
           f"{lengths_desc(a)} lengths; {a.batches} distinct batch(es); compile {a.compile}"
           f"{' (vision tower too)' if a.compile and a.compile_vit else ''}"
-          f"{'' if a.act_budget is None else ' (activation budget %g)' % a.act_budget}; "
+          f"{'' if a.act_budget is None else ' (activation budget %g, %s)' % (a.act_budget, a.act_estimator)}; "
           f"{'' if a.fla_sync_free else 'fla state pass with host sync; '}"
+          f"{'inductor ' + a.inductor + '; ' if a.inductor else ''}"
           f"{'lightning' if a.lightning else 'plain loop'}; built in {time.perf_counter() - t0:.0f}s")
     header = f"{'stage':>5} {'micro_bsz':>9} {'text_len':>8} {'seq_len':>7} {'step_ms':>9} {'samples/s':>10} " \
              f"{'tokens/s':>10} {'peak_GiB':>9}"

@@ -154,6 +154,29 @@ def test_unreadable_files_give_one_clear_error(tmp_path):
         load_state_dict_file(str(junk))
 
 
+def test_involution_gather_matches_gather_with_its_gradient():
+    """The odd layers' scan permutation: forward and gradient equal torch's gather (whose backward
+    is a scatter-add), on rows with image segments of odd lengths at different places."""
+    from visualrwkv.models.rwkv6 import involution_gather
+
+    B, T, C = 3, 29, 8
+    perm = torch.arange(T).repeat(B, 1)
+    for b, (p, n) in enumerate([(2, 7), (0, 12), (11, 18)]):
+        perm[b, p:p + n] = torch.arange(p + n - 1, p - 1, -1)
+    idx = perm.unsqueeze(-1).expand(B, T, C)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, C, generator=gen, dtype=torch.float64)
+    probe = torch.randn(B, T, C, generator=gen, dtype=torch.float64)
+    grads = []
+    for fn in (lambda t: t.gather(1, idx), lambda t: involution_gather(t, idx)):
+        xi = x.clone().requires_grad_(True)
+        y = fn(fn(xi) * probe)  # there and back, as an odd layer does
+        y.sum().backward()
+        grads.append((y.detach(), xi.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    assert not torch.equal(grads[1][1], probe)  # the permutation really moved the gradient
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_blocks_match_eager_on_gpu():

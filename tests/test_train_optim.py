@@ -47,10 +47,14 @@ def test_clip_in_step_needs_a_fused_optimizer():
 
 
 def test_mixing_runs_in_autocast_dtype():
-    """Under autocast the mixes feeding the projections are bf16 (as in bf16 inference), the decay
-    stays float32; without autocast everything stays float32; the two agree to bf16 precision."""
+    """Under autocast the mixes feeding the projections and the residual stream between blocks are
+    bf16 (as in bf16 inference and the original's bf16 training), the decay stays float32; without
+    autocast everything stays float32; the two agree to bf16 precision."""
     model = random_rwkv6(n_layer=2, n_embd=64, vocab_size=128)
     seen = {}
+    residual = []
+    for b in model.blocks:
+        b.register_forward_hook(lambda m, args, out: residual.append(out[0].dtype))
 
     def grab(name):
         def hook(module, args):
@@ -63,8 +67,11 @@ def test_mixing_runs_in_autocast_dtype():
     ids = torch.randint(0, 128, (2, 19), generator=torch.Generator().manual_seed(0))
     ref, _ = model(ids)
     assert seen == {"att": [torch.float32], "ffn": [torch.float32]}
+    assert residual == [torch.float32] * 2
     seen.clear()
+    residual.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, _ = model(ids)
     assert seen == {"att": [torch.bfloat16], "ffn": [torch.bfloat16]}
+    assert residual == [torch.bfloat16] * 2
     assert rel(out.float(), ref) < 5e-2

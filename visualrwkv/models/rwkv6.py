@@ -78,6 +78,31 @@ class RWKVState:
                          self.ffn_shift.to(device=device, dtype=dtype))
 
 
+class _InvolutionGather(torch.autograd.Function):
+    """``x.gather(1, idx)`` for an ``idx`` that is its own inverse along dim 1 (the scan permutation
+    reverses image segments, so applying it twice is the identity).
+
+    The gradient of a gather is a scatter-add into zeros (a memset, then atomic adds); for an
+    involution it is the same gather, so backward costs one pass like forward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        return x.gather(1, idx)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (idx,) = ctx.saved_tensors
+        return grad.gather(1, idx), None
+
+
+def involution_gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, C); idx: (B, T, C) long with idx[b, idx[b, t, c], c] = t. Returns x.gather(1, idx)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _InvolutionGather.apply(x, idx)
+    return x.gather(1, idx)
+
+
 class RWKV6(nn.Module):
     def __init__(self, cfg: RWKV6Config):
         super().__init__()
@@ -190,14 +215,14 @@ class RWKV6(nn.Module):
         for i, blk in enumerate(self.blocks):
             reverse = perm_idx is not None and i % 2 == 1
             if reverse:
-                x = x.gather(1, perm_idx)
+                x = involution_gather(x, perm_idx)
             layer_state = None if state is None else state.layer(i)
             if self.grad_cp and self.training and torch.is_grad_enabled():
                 x, s = cp.checkpoint(blk, x, layer_state, backend, valid, cu_seqlens, use_reentrant=False)
             else:
                 x, s = blk(x, layer_state, backend=backend, valid=valid, cu_seqlens=cu_seqlens)
             if reverse:
-                x = x.gather(1, perm_idx)
+                x = involution_gather(x, perm_idx)
             if need_state and cu_seqlens is None:
                 new_layers.append(s)
         x = self.ln_out(x)

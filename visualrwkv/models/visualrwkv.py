@@ -74,6 +74,7 @@ class MultimodalInputs:
     scan_perm: Optional[torch.Tensor]
     image_start: torch.Tensor
     lengths: torch.Tensor
+    n_real: int = -1  # sum(lengths), known on the host (-1: not computed)
 
 
 @dataclass
@@ -184,33 +185,42 @@ class VisualRWKV(nn.Module):
             lengths = torch.full((B,), T, dtype=torch.long, device=device)
         is_ph = input_ids == IMAGE_TOKEN_INDEX
         n_ph = is_ph.sum(1)
-        if n_ph.numel() and int(n_ph.max()) > 1:
+        row_has = n_ph > 0
+        n = self.n_image_tokens
+        pos = torch.where(row_has, is_ph.float().argmax(1), torch.full_like(n_ph, -1))  # (B,)
+        extra = torch.where(row_has, torch.full_like(n_ph, n - 1), torch.zeros_like(n_ph))
+        new_len = lengths + extra
+        # Every number the host needs, in one device-to-host transfer (each read-back stalls the
+        # CPU until the GPU has drained its queue).
+        zero = n_ph.new_zeros(())
+        mismatch = zero if has_image is None else (row_has != has_image.bool().to(device)).sum()
+        stats = torch.stack([v.long() for v in (n_ph.max() if B else zero, mismatch, row_has.sum(),
+                                                 new_len.max() if B else zero, new_len.sum())]).tolist()
+        most_ph, n_mismatch, n_img_rows, Tn, n_real = (int(v) for v in stats)
+        if most_ph > 1:
             rows = (n_ph > 1).nonzero().flatten().tolist()
             raise UserError(f"batch rows {rows} have more than one <image>; VisualRWKV takes one image per sample")
-        row_has = n_ph > 0
-        if has_image is not None and not torch.equal(row_has.cpu(), has_image.bool().cpu()):
+        if n_mismatch:
             raise ValueError("has_image does not match the <image> placeholders in input_ids")
-        n_img_rows = int(row_has.sum())
-        n = self.n_image_tokens
         if n_img_rows and (image_embeds is None or image_embeds.shape[0] != n_img_rows):
             got = 0 if image_embeds is None else image_embeds.shape[0]
             raise ValueError(f"{n_img_rows} rows have an <image> placeholder but {got} images were given")
         text = self.rwkv.embed(input_ids.clamp(min=0))  # (B, T, C); placeholder rows get id 0 here
         C = text.shape[-1]
-        pos = torch.where(row_has, is_ph.float().argmax(1), torch.full_like(n_ph, -1))  # (B,)
-        extra = torch.where(row_has, torch.full_like(n_ph, n - 1), torch.zeros_like(n_ph))
-        new_len = lengths + extra
-        Tn = int(new_len.max())
         j = torch.arange(Tn, device=device).unsqueeze(0).expand(B, Tn)  # output positions
         p = pos.unsqueeze(1)
         in_img = row_has.unsqueeze(1) & (j >= p) & (j < p + n)
         after = row_has.unsqueeze(1) & (j >= p + n)
         src_text = torch.where(after, j - (n - 1), j).clamp(max=T - 1)  # text index for text positions
         valid = j < new_len.unsqueeze(1)
-        # Source rows: [text (T) | image tokens (n)]; image rows take index T + (j - p).
-        img_full = text.new_zeros(B, n, C)
+        # Source rows: [text (T) | image tokens (n)]; image rows take index T + (j - p). Row b's
+        # image is image_embeds[slot[b]] (its rank among the image rows): a gather, whose gradient
+        # is an index_add, where a boolean-mask assignment would read the mask back to the host.
         if n_img_rows:
-            img_full[row_has] = image_embeds.to(text.dtype)
+            slot = (row_has.long().cumsum(0) - 1).clamp(min=0)  # (B,)
+            img_full = torch.where(row_has[:, None, None], image_embeds.to(text.dtype).index_select(0, slot), 0.0)
+        else:
+            img_full = text.new_zeros(B, n, C)
         src = torch.cat([text, img_full], dim=1)
         idx = torch.where(in_img, T + (j - p), src_text)
         embeds = src.gather(1, idx.unsqueeze(-1).expand(B, Tn, C))
@@ -223,7 +233,7 @@ class VisualRWKV(nn.Module):
             # Reverse [p, p + n - 1): the image tokens without the trailing CLS (SPEC §4).
             seg = row_has.unsqueeze(1) & (j >= p) & (j < p + n - 1)
             scan_perm = torch.where(seg, 2 * p + n - 2 - j, j)
-        return MultimodalInputs(embeds, valid, new_labels, scan_perm, pos, new_len)
+        return MultimodalInputs(embeds, valid, new_labels, scan_perm, pos, new_len, n_real)
 
     # ---------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
@@ -241,15 +251,20 @@ class VisualRWKV(nn.Module):
         mm = self.build_inputs(input_ids, lengths, image_embeds, has_image, labels)
         B, Tn, _ = mm.embeds.shape
         if pack:
-            valid = mm.valid
             lens = mm.lengths
             offsets = torch.cumsum(lens, 0) - lens  # (B,) start of each row in the packed row
             cu = torch.cat([lens.new_zeros(1), torch.cumsum(lens, 0)])
-            perm = None if mm.scan_perm is None else (mm.scan_perm + offsets[:, None])[valid].unsqueeze(0)
-            hidden, _ = self.rwkv.forward_hidden(mm.embeds[valid].unsqueeze(0), scan_perm=perm, backend=backend,
-                                                 need_state=False, cu_seqlens=cu)
+            # Packed token i is (row rows_all[i], position i - offsets[row]): integer indices built
+            # without reading anything back (the count is known), where boolean masks would sync
+            # here and again in backward.
+            rows_all = torch.repeat_interleave(torch.arange(B, device=lens.device), lens, output_size=mm.n_real)
+            flat = rows_all * Tn + torch.arange(mm.n_real, device=lens.device) - offsets[rows_all]  # (N,)
+            perm = None
+            if mm.scan_perm is not None:
+                perm = (mm.scan_perm + offsets[:, None]).flatten().index_select(0, flat).unsqueeze(0)
+            x = mm.embeds.flatten(0, 1).index_select(0, flat).unsqueeze(0)  # (1, N, C)
+            hidden, _ = self.rwkv.forward_hidden(x, scan_perm=perm, backend=backend, need_state=False, cu_seqlens=cu)
             hidden = hidden[0]  # (N, C) real tokens only
-            rows_all = valid.nonzero()[:, 0]  # (N,) row of each packed token
         else:
             # No padding mask needed: the model is causal, so right padding cannot reach real positions.
             hidden, _ = self.rwkv.forward_hidden(mm.embeds, scan_perm=mm.scan_perm, backend=backend,
@@ -266,17 +281,17 @@ class VisualRWKV(nn.Module):
         # Position t predicts token t + 1; the last position of every row predicts nothing.
         target = torch.cat([mm.labels[:, 1:], mm.labels.new_full((B, 1), IGNORE_INDEX)], dim=1)  # (B, Tn)
         if pack:
-            target = target[mm.valid]  # (N,)
-            sel = target != IGNORE_INDEX
-            rows = rows_all[sel]
-            h = hidden[sel]
-            lg = self.rwkv.head(h) if logits is None else logits[mm.valid][sel]
+            target = target.flatten().index_select(0, flat)  # (N,)
+            sel = (target != IGNORE_INDEX).nonzero().squeeze(1)  # (M,): the step's one read-back
+            rows = rows_all.index_select(0, sel)
+            h = hidden.index_select(0, sel)
+            lg = self.rwkv.head(h) if logits is None else logits.flatten(0, 1).index_select(0, flat.index_select(0, sel))
         else:
             sel = target != IGNORE_INDEX  # (B, Tn)
             rows = sel.nonzero()[:, 0]
             h = hidden[sel]  # (M, C): only the supervised positions reach the head
             lg = self.rwkv.head(h) if logits is None else logits[sel]
-        ce = F.cross_entropy(lg.float(), target[sel], reduction="none")  # (M,)
+        ce = F.cross_entropy(lg.float(), target[sel], reduction="none")  # (M,); sel: mask or indices
         per_row = torch.zeros(B, device=ce.device, dtype=ce.dtype).index_add(0, rows, ce)
         count = torch.zeros(B, device=ce.device, dtype=ce.dtype).index_add(0, rows, torch.ones_like(ce))
         loss = (per_row / count.clamp(min=1)).mean()
