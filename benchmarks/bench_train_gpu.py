@@ -69,8 +69,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="draw the text lengths from real data: a LLaVA JSON data file (tokenised as training does) "
                         "or a JSON list of token counts; clipped to --text_min..--text_len")
     p.add_argument("--compile", type=int, choices=[0, 1], default=0, help="torch.compile the RWKV blocks")
-    p.add_argument("--compile_vit", type=int, choices=[0, 1], default=0,
-                   help="with --compile 1: also compile the frozen vision tower")
+    p.add_argument("--compile_vit", type=int, choices=[0, 1], default=1,
+                   help="with --compile 1: also compile the frozen vision tower (1, as 'visualrwkv train --compile 1'); "
+                        "0: eager tower (the baseline)")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile one step (plain loop): kernel time by category (gpu_profile.py)")
     p.add_argument("--profile_top", type=int, default=12, help="kernels listed by --profile")

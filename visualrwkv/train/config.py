@@ -144,7 +144,7 @@ class TrainConfig:
     freeze_proj: int = 0
     train_vit: int = 0  # 1 = train the vision tower too (for small towers such as the quickstart's)
     pack: int = -1  # 1 = pack each micro-batch's samples into one row (no compute on padding); -1 = on for CUDA
-    compile: int = 0  # 1 = torch.compile every RWKV block (GPU; the WKV kernel stays uncompiled)
+    compile: int = 0  # 1 = torch.compile every RWKV block and a frozen tower (GPU; the WKV kernel stays uncompiled)
     act_budget: float = 1.0  # with --compile 1: fraction of the blocks' activations kept for backward
     # ---- hardware
     accelerator: str = "auto"
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1: run each micro-batch as one packed row (no compute on padding, same result); "
                         "-1 (default): on with CUDA, off on the CPU")
     g.add_argument("--compile", type=int, default=d.compile, choices=[0, 1],
-                   help="1: torch.compile the RWKV blocks (GPU training speed; slower start)")
+                   help="1: torch.compile the RWKV blocks and a frozen vision tower (GPU training speed; slower start)")
     g.add_argument("--act_budget", type=float, default=d.act_budget,
                    help="with --compile 1 and --grad_cp 0: keep this fraction (0..1] of the compiled blocks' "
                         "activations for backward and recompute the cheapest rest (1 = keep all; 0.5 fits a "
