@@ -1,7 +1,8 @@
 """ln_x (GroupNorm, one group per head) forward + backward on one CUDA GPU, as a stage-2 step runs it:
 eager ``nn.GroupNorm``, torch.compile of ``nn.GroupNorm`` (inductor's native_group_norm lowering, what
-the compiled blocks run), and torch.compile of the same norm written out as per-head mean and variance
-over the last dim of (M, H, N) (``per_head_group_norm`` below: a candidate, measured and not adopted).
+the compiled blocks run by default), torch.compile of the same norm written out as per-head mean and
+variance over the last dim of (M, H, N) (``per_head_group_norm`` below: measured, not adopted), and the
+fused Triton kernels of ``visualrwkv/ops/norm_gate.py`` (norm and gate product in one pass each way).
 Each variant computes ``ln_x(y) * g`` from bf16 y, g and back-propagates a bf16 gradient, under bf16
 autocast like training.
 
@@ -51,19 +52,23 @@ def main(argv=None) -> int:
         ln.weight.normal_()
         ln.bias.normal_()
 
+    from visualrwkv.ops.norm_gate import norm_gate
+
     def step(fn, y, g, dout):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = fn(y).to(torch.bfloat16) * g
+            out = fn(y, g)
         out.backward(dout)
         return out
 
     variants = {
-        "eager nn.GroupNorm": lambda t: ln(t),
-        "compiled nn.GroupNorm": torch.compile(lambda t: ln(t), dynamic=True),
-        "compiled per-head formula": torch.compile(lambda t: per_head_group_norm(t, ln), dynamic=True),
+        "eager nn.GroupNorm": lambda t, g: ln(t).to(g.dtype) * g,
+        "compiled nn.GroupNorm": torch.compile(lambda t, g: ln(t).to(g.dtype) * g, dynamic=True),
+        "compiled per-head formula": torch.compile(lambda t, g: per_head_group_norm(t, ln).to(g.dtype) * g,
+                                                   dynamic=True),
+        "fused Triton norm_gate": lambda t, g: norm_gate(t, g, ln, backend="triton"),
     }
     print(f"# {torch.cuda.get_device_name()}; ln_x of {C} channels in groups of {N}, bf16 autocast, forward + backward")
-    print(f"{'tokens':>7} {'variant':<26} {'ms':>8} {'GB/s':>8} {'max|diff|':>10}")
+    print(f"{'tokens':>7} {'variant':<28} {'ms':>8} {'GB/s':>8} {'max|diff|':>10}")
     for M in [int(x) for x in a.tokens.split(",")]:
         gen = torch.Generator(device="cuda").manual_seed(0)
         y0 = torch.randn(M, C, device="cuda", generator=gen).to(torch.bfloat16)
@@ -91,7 +96,7 @@ def main(argv=None) -> int:
             diff = 0.0 if ref is None else float((got - ref).abs().max())
             ref = got if ref is None else ref
             gb = 6 * M * C * 2 / 1e9
-            print(f"{M:>7} {name:<26} {ms:>8.3f} {gb / ms * 1e3:>8.0f} {diff:>10.2e}", flush=True)
+            print(f"{M:>7} {name:<28} {ms:>8.3f} {gb / ms * 1e3:>8.0f} {diff:>10.2e}", flush=True)
     return 0
 
 

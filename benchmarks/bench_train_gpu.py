@@ -78,6 +78,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--act_budget", type=float, default=None,
                    help="with --compile 1: torch._functorch activation_memory_budget (0..1); below 1 the compiled "
                         "graphs recompute their cheapest ops in backward instead of saving them")
+    p.add_argument("--fused_norm_gate", type=int, choices=[0, 1], default=0,
+                   help="with --compile 1: ln_x and the gate product as fused Triton kernels (ops/norm_gate.py); "
+                        "0: inductor's GroupNorm (the default path)")
     p.add_argument("--act_estimator", choices=["flops", "profile"], default="flops",
                    help="with --act_budget: how the partitioner prices recomputation (torch._functorch "
                         "activation_memory_budget_runtime_estimator): flop counts (elementwise ops look free) "
@@ -355,7 +358,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.compile and device.type == "cuda":
         from visualrwkv.train.model import compile_for_training
 
-        compile_for_training(model, 1.0 if a.act_budget is None else a.act_budget, compile_vit=bool(a.compile_vit))
+        compile_for_training(model, 1.0 if a.act_budget is None else a.act_budget, compile_vit=bool(a.compile_vit),
+                             fused_norm_gate=bool(a.fused_norm_gate))
         from torch._functorch import config as functorch_config
 
         functorch_config.activation_memory_budget_runtime_estimator = a.act_estimator
@@ -370,6 +374,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{' (vision tower too)' if a.compile and a.compile_vit else ''}"
           f"{'' if a.act_budget is None else ' (activation budget %g, %s)' % (a.act_budget, a.act_estimator)}; "
           f"{'' if a.fla_sync_free else 'fla state pass with host sync; '}"
+          f"{'fused ln_x + gate; ' if a.compile and a.fused_norm_gate else ''}"
           f"{'inductor ' + a.inductor + '; ' if a.inductor else ''}"
           f"{'lightning' if a.lightning else 'plain loop'}; built in {time.perf_counter() - t0:.0f}s")
     header = f"{'stage':>5} {'micro_bsz':>9} {'text_len':>8} {'seq_len':>7} {'step_ms':>9} {'samples/s':>10} " \

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from visualrwkv.ops import wkv6, wkv6_step
+from visualrwkv.ops.norm_gate import norm_gate
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ class TimeMix(nn.Module):
         # The WKV call; RWKV6.compile_blocks() swaps in a version that torch.compile leaves alone
         # (the kernels are already fused), so the elementwise work around it gets fused instead.
         self.wkv_fn = wkv6
+        # ln_x and the gate product (B*T, C) -> (B*T, C); compile_blocks(fused_norm_gate=True) swaps in
+        # the fused Triton kernels.
+        self.norm_gate_fn = norm_gate
 
     def forward(
         self,
@@ -125,8 +129,8 @@ class TimeMix(nn.Module):
                 cu_seqlens=cu_seqlens,
             )
             y = y.reshape(B, T, C)
-        y = self.ln_x(y.reshape(B * T, C).to(dt)).view(B, T, C).to(dt)
-        out = self.output(y * g)
+        y = self.norm_gate_fn(y.reshape(B * T, C).to(dt), g.reshape(B * T, C), self.ln_x)  # ln_x(y) * g
+        out = self.output(y.view(B, T, C))
         return out, _last(x, valid), new_state
 
 

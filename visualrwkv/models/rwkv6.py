@@ -162,17 +162,28 @@ class RWKV6(nn.Module):
                 f.value.weight.zero_()
         return self
 
-    def compile_blocks(self, dynamic: bool = True) -> "RWKV6":
+    def compile_blocks(self, dynamic: bool = True, fused_norm_gate: bool = False) -> "RWKV6":
         """Compile each block with torch.compile (GPU training/prefill): fuses the token shift,
-        LoRA mixes, norms and gates into few kernels. The WKV kernel itself runs uncompiled."""
+        LoRA mixes, norms and gates into few kernels. The WKV kernel itself runs uncompiled.
+
+        fused_norm_gate: run ln_x and the gate product as the fused Triton kernels of
+        ``ops.norm_gate`` (CUDA only; opaque to the compiler, like the WKV kernel) instead of
+        inductor's lowering of GroupNorm."""
+        import functools
+
+        from visualrwkv.ops.norm_gate import norm_gate
         from visualrwkv.ops.wkv6 import compilable_wkv6
 
         wkv_fn = compilable_wkv6()
+        gate_fn = norm_gate
+        if fused_norm_gate:
+            gate_fn = torch.compiler.disable(functools.partial(norm_gate, backend="triton"))
         # Block.body is the same code for every layer (ln0 of layer 0 stays outside it) and reads no
         # per-layer Python constant, so dynamo builds one graph per input shape class and reuses it
         # for all layers (parameters are graph inputs), instead of one compile per layer.
         for blk in self.blocks:
             blk.att.wkv_fn = wkv_fn
+            blk.att.norm_gate_fn = gate_fn
             blk.body = torch.compile(blk.body, dynamic=dynamic)
         return self
 

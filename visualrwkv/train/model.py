@@ -149,7 +149,8 @@ def add_input_dropout(model, p: float) -> Optional[torch.utils.hooks.RemovableHa
     return block0.register_forward_pre_hook(hook)
 
 
-def compile_for_training(model, act_budget: float = 1.0, compile_vit: bool = True) -> None:
+def compile_for_training(model, act_budget: float = 1.0, compile_vit: bool = True,
+                         fused_norm_gate: bool = False) -> None:
     """torch.compile the RWKV blocks for GPU training (``--compile 1``).
 
     act_budget < 1 (``--act_budget``): the partitioner of every compiled graph keeps at most that
@@ -166,13 +167,16 @@ def compile_for_training(model, act_budget: float = 1.0, compile_vit: bool = Tru
     its state-dict keys stay as they are); eager, its ~360 small kernels per step are launched one
     by one and the GPU waits between them (2-13 ms of a 1.6B stage-2 step on an H100, measured with
     ``bench_train_gpu.py --compile_vit 0/1``; about 30 s more compilation at the start). A trainable
-    tower (``--train_vit 1``) stays eager."""
+    tower (``--train_vit 1``) stays eager.
+
+    fused_norm_gate: ln_x and the gate product as fused Triton kernels (``ops.norm_gate``); off until
+    measured against inductor's GroupNorm on a GPU (``bench_train_gpu.py --fused_norm_gate 0/1``)."""
     import torch._dynamo
     from torch._functorch import config as functorch_config
 
     torch._dynamo.config.optimize_ddp = False
     functorch_config.activation_memory_budget = float(act_budget)
-    model.rwkv.compile_blocks()
+    model.rwkv.compile_blocks(fused_norm_gate=fused_norm_gate)
     if compile_vit:
         compile_frozen_tower(model)
 

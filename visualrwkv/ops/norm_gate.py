@@ -1,0 +1,139 @@
+"""ln_x and the output gate of RWKV-6's time mixing, as one operator:
+
+    out = GroupNorm_H(y).to(g.dtype) * g        y, g: (M, C), H groups of N = C / H channels (one per head)
+
+with the GroupNorm's weight and bias (C,) and eps taken from the block's ``ln_x``. Backends, chosen by
+an explicit argument:
+
+* ``"reference"``: the PyTorch ops the model has always run (``nn.GroupNorm``, the cast, the product);
+  under bf16 autocast the norm runs in float32. Used everywhere unless a caller asks otherwise.
+* ``"triton"``: one fused Triton kernel forward and one backward (CUDA tensors). Forward reads y and g
+  once and writes out plus a float32 mean / rstd per (row, head); backward recomputes the normalised
+  value from them and writes dy, dg and per-block partial sums of the weight and bias gradients. It
+  keeps the reference's roundings: the normalised value is rounded to g's dtype before the product, and
+  the gradient reaching the norm is the rounded product dout * g, as autograd computes it.
+
+Why: inside the compiled stage-2 step inductor's lowering of ``native_group_norm`` spends ~20 ms per step
+(1.6B shape, 11.8k tokens, H100; ``benchmarks/results/2026-11-27-h100-e``) on work whose bytes need
+~3 ms. The fused kernel is opt-in (``RWKV6.compile_blocks(fused_norm_gate=True)``,
+``bench_train_gpu.py --fused_norm_gate 1``) until measured on a GPU against the reference.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NORM_GATE_BACKENDS = ("reference", "triton")
+_BLOCK_M = 64  # rows per program; a program holds BLOCK_M x N values of one head
+
+
+def norm_gate(y: torch.Tensor, g: torch.Tensor, ln: nn.GroupNorm, backend: str = "reference") -> torch.Tensor:
+    """y, g: (M, C); ln: the block's ln_x (GroupNorm with one group per head). Returns (M, C) in g's dtype."""
+    if backend == "reference":
+        return ln(y).to(g.dtype) * g
+    if backend != "triton":
+        raise ValueError(f"unknown norm_gate backend {backend!r}; choose one of {', '.join(NORM_GATE_BACKENDS)}")
+    if not (y.is_cuda and g.is_cuda):
+        raise RuntimeError("the 'triton' norm_gate backend needs CUDA tensors; use backend='reference' on a CPU")
+    return norm_gate_triton(y, g, ln.weight, ln.bias, ln.num_groups, ln.eps)
+
+
+def norm_gate_triton(y, g, weight, bias, num_groups: int, eps: float) -> torch.Tensor:
+    """The fused kernels on tensors of any device Triton runs on (CUDA, or its CPU interpreter in tests)."""
+    return _function().apply(y, g, weight, bias, num_groups, eps)
+
+
+@functools.lru_cache(maxsize=1)
+def _function():
+    """Build the kernels and their autograd.Function on first use: triton is imported only here."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fwd_kernel(Y, G, W, Bias, Out, Mean, Rstd, M, eps,
+                   C: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr):
+        # One program: rows [m0, m0 + BLOCK_M) x the N channels of head h.
+        h = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = h * N + tl.arange(0, N)
+        rmask = rows < M
+        offs = rows[:, None] * C + cols[None, :]
+        y = tl.load(Y + offs, mask=rmask[:, None], other=0.0).to(tl.float32)
+        mean = tl.sum(y, axis=1) / N
+        d = y - mean[:, None]
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / N + eps)
+        w = tl.load(W + cols).to(tl.float32)
+        b = tl.load(Bias + cols).to(tl.float32)
+        n = (d * rstd[:, None] * w[None, :] + b[None, :]).to(Out.dtype.element_ty).to(tl.float32)
+        gv = tl.load(G + offs, mask=rmask[:, None], other=0.0).to(tl.float32)
+        tl.store(Out + offs, (n * gv).to(Out.dtype.element_ty), mask=rmask[:, None])
+        tl.store(Mean + rows * H + h, mean, mask=rmask)
+        tl.store(Rstd + rows * H + h, rstd, mask=rmask)
+
+    @triton.jit
+    def bwd_kernel(DOut, Y, G, W, Bias, Mean, Rstd, DY, DG, DW, DB, M,
+                   C: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr):
+        pid = tl.program_id(0)
+        h = tl.program_id(1)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = h * N + tl.arange(0, N)
+        rmask = rows < M
+        offs = rows[:, None] * C + cols[None, :]
+        y = tl.load(Y + offs, mask=rmask[:, None], other=0.0).to(tl.float32)
+        mean = tl.load(Mean + rows * H + h, mask=rmask, other=0.0)
+        rstd = tl.load(Rstd + rows * H + h, mask=rmask, other=0.0)
+        xhat = (y - mean[:, None]) * rstd[:, None]  # 0 on rows past M
+        w = tl.load(W + cols).to(tl.float32)
+        b = tl.load(Bias + cols).to(tl.float32)
+        n = (xhat * w[None, :] + b[None, :]).to(DG.dtype.element_ty).to(tl.float32)
+        do = tl.load(DOut + offs, mask=rmask[:, None], other=0.0).to(tl.float32)
+        gv = tl.load(G + offs, mask=rmask[:, None], other=0.0).to(tl.float32)
+        tl.store(DG + offs, (do * n).to(DG.dtype.element_ty), mask=rmask[:, None])
+        dn = (do * gv).to(DG.dtype.element_ty).to(tl.float32)  # the product's gradient, rounded as autograd's
+        tl.store(DW + pid * C + cols, tl.sum(dn * xhat, axis=0))
+        tl.store(DB + pid * C + cols, tl.sum(dn, axis=0))
+        dx = dn * w[None, :]
+        c1 = tl.sum(dx * xhat, axis=1) / N
+        c2 = tl.sum(dx, axis=1) / N
+        dy = (dx - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        tl.store(DY + offs, dy.to(DY.dtype.element_ty), mask=rmask[:, None])
+
+    class NormGate(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y, g, weight, bias, num_groups, eps):
+            M, C = y.shape
+            N = C // num_groups
+            if C % num_groups or N & (N - 1):
+                raise ValueError(f"norm_gate needs C ({C}) = num_groups x a power of two; got {num_groups} groups")
+            y, g = y.contiguous(), g.contiguous()
+            out = torch.empty_like(g)
+            mean = torch.empty(M, num_groups, device=y.device, dtype=torch.float32)
+            rstd = torch.empty_like(mean)
+            grid = (triton.cdiv(M, _BLOCK_M), num_groups)
+            fwd_kernel[grid](y, g, weight, bias, out, mean, rstd, M, eps, C=C, N=N, H=num_groups, BLOCK_M=_BLOCK_M)
+            ctx.save_for_backward(y, g, weight, bias, mean, rstd)
+            ctx.num_groups = num_groups
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            y, g, weight, bias, mean, rstd = ctx.saved_tensors
+            M, C = y.shape
+            H = ctx.num_groups
+            nb = triton.cdiv(M, _BLOCK_M)
+            dy, dg = torch.empty_like(y), torch.empty_like(g)
+            dw = torch.empty(nb, C, device=y.device, dtype=torch.float32)
+            db = torch.empty_like(dw)
+            bwd_kernel[(nb, H)](dout.contiguous(), y, g, weight, bias, mean, rstd, dy, dg, dw, db, M,
+                                C=C, N=C // H, H=H, BLOCK_M=_BLOCK_M)
+            return dy, dg, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype), None, None
+
+    return NormGate
+
+
+def reference_norm_gate(y, g, weight, bias, num_groups: int, eps: float) -> torch.Tensor:
+    """The reference backend on plain tensors (tests, benchmarks)."""
+    return F.group_norm(y, num_groups, weight, bias, eps).to(g.dtype) * g
