@@ -74,4 +74,8 @@ def test_mixing_runs_in_autocast_dtype():
         out, _ = model(ids)
     assert seen == {"att": [torch.bfloat16], "ffn": [torch.bfloat16]}
     assert residual == [torch.bfloat16] * 2
+    residual.clear()
+    with torch.autocast("cpu", dtype=torch.float16):  # fp16: the stream stays float32 (range)
+        model(ids)
+    assert residual == [torch.float32] * 2
     assert rel(out.float(), ref) < 5e-2

@@ -203,12 +203,14 @@ class Block(nn.Module):
         """x: (B, T, C). state: (att_shift (B, C), wkv (B, H, N, N) fp32, ffn_shift (B, C)) or None.
         Returns (x, new_state)."""
         if self.layer_id == 0:
-            # Under autocast (bf16 training) LayerNorm returns float32; casting here keeps the
+            # Under bf16 autocast (bf16 training) LayerNorm returns float32; casting here keeps the
             # residual stream (B, T, C) in bf16 through every block, as in the original's bf16
             # training: half the bytes for each residual add, norm input, saved activation and
-            # gradient of the stream. Without autocast this is a no-op.
+            # gradient of the stream. Not under fp16 autocast: the stream grows with depth and fp16's
+            # range could overflow. Without autocast this is a no-op.
             x = self.ln0(x)
-            x = x.to(compute_dtype(x))
+            if compute_dtype(x) == torch.bfloat16:
+                x = x.to(torch.bfloat16)
         return self.body(x, state, backend=backend, valid=valid, cu_seqlens=cu_seqlens)
 
     def body(self, x, state: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
