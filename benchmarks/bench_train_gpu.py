@@ -352,6 +352,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
     fla_varlen.set_enabled(bool(a.fla_sync_free))
+    if a.compile and device.type == "cuda":
+        # Compiler settings are read when the graphs compile; set here, a bad --inductor key ends the
+        # run before the model is built.
+        from torch._functorch import config as functorch_config
+
+        functorch_config.activation_memory_budget_runtime_estimator = a.act_estimator
+        inductor_settings(a.inductor)
     t0 = time.perf_counter()
     model, vcfg = build_model(a, device)
     model.rwkv.grad_cp = bool(a.grad_cp)
@@ -360,10 +367,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         compile_for_training(model, 1.0 if a.act_budget is None else a.act_budget, compile_vit=bool(a.compile_vit),
                              fused_norm_gate=bool(a.fused_norm_gate))
-        from torch._functorch import config as functorch_config
-
-        functorch_config.activation_memory_budget_runtime_estimator = a.act_estimator
-        inductor_settings(a.inductor)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

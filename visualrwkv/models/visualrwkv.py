@@ -252,8 +252,9 @@ class VisualRWKV(nn.Module):
         B, Tn, _ = mm.embeds.shape
         if pack:
             lens = mm.lengths
-            offsets = torch.cumsum(lens, 0) - lens  # (B,) start of each row in the packed row
-            cu = torch.cat([lens.new_zeros(1), torch.cumsum(lens, 0)])
+            ends = torch.cumsum(lens, 0)
+            offsets = ends - lens  # (B,) start of each row in the packed row
+            cu = torch.cat([lens.new_zeros(1), ends])
             # Packed token i is (row rows_all[i], position i - offsets[row]): integer indices built
             # without reading anything back (the count is known), where boolean masks would sync
             # here and again in backward.

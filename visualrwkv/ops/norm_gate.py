@@ -37,7 +37,7 @@ _NUM_WARPS = 8
 def norm_gate(y: torch.Tensor, g: torch.Tensor, ln: nn.GroupNorm, backend: str = "reference") -> torch.Tensor:
     """y, g: (M, C); ln: the block's ln_x (GroupNorm with one group per head). Returns (M, C) in g's dtype."""
     if backend == "reference":
-        return ln(y).to(g.dtype) * g
+        return reference_norm_gate(y, g, ln.weight, ln.bias, ln.num_groups, ln.eps)
     if backend != "triton":
         raise ValueError(f"unknown norm_gate backend {backend!r}; choose one of {', '.join(NORM_GATE_BACKENDS)}")
     if not (y.is_cuda and g.is_cuda):
@@ -141,5 +141,5 @@ def _function():
 
 
 def reference_norm_gate(y, g, weight, bias, num_groups: int, eps: float) -> torch.Tensor:
-    """The reference backend on plain tensors (tests, benchmarks)."""
+    """The reference backend on plain tensors: what ``ln_x(y).to(g.dtype) * g`` computes."""
     return F.group_norm(y, num_groups, weight, bias, eps).to(g.dtype) * g
