@@ -16,6 +16,8 @@ import torch
 CATEGORIES = [
     ("matmul (cuBLAS/CUTLASS)", ("gemm", "cutlass", "nvjet", "sm90_xmma", "sm80_xmma", "gemv", "splitk")),
     ("attention (ViT sdpa)", ("flash", "fmha", "attention")),
+    ("ln_x + gate (fused Triton, ops/norm_gate.py)", ("norm_gate_",)),
+    ("ln_x (inductor's group_norm kernels)", ("triton_", "group_norm")),
     ("WKV (fla Triton)", ("chunk", "rwkv", "fused_recurrent", "wy_", "_fwd_kernel", "_bwd_kernel")),
     ("fused elementwise (inductor Triton)", ("triton_",)),
     ("optimizer (multi-tensor)", ("multi_tensor", "adam")),
@@ -29,7 +31,10 @@ CATEGORIES = [
 def _category(name: str) -> str:
     low = name.lower()
     for cat, pats in CATEGORIES:
-        if any(p in low for p in pats):
+        if cat.startswith("ln_x (inductor"):  # both patterns: an inductor kernel that fuses a group_norm
+            if all(p in low for p in pats):
+                return cat
+        elif any(p in low for p in pats):
             return cat
     return "other"
 

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from visualrwkv.ops.norm_gate import norm_gate, reference_norm_gate
 from utils import rel
@@ -172,9 +173,19 @@ def test_fused_kernels_match_reference_on_gpu():
         for name, a, c in zip(("out", "dy", "dg", "dw", "db"), got[1], got[0]):
             assert a.dtype == c.dtype, name
             assert rel(a, c) <= tol, (dtype, name, rel(a, c))
-        if dtype == torch.bfloat16:  # at most one bf16 step apart, element by element
-            step = got[0][0].float().abs() * 2 ** -7 + 1e-30
-            assert bool(((got[1][0].float() - got[0][0].float()).abs() <= step).all())
+        if dtype == torch.bfloat16:
+            # Element by element: the two float32 norms differ by a few float32 ulps of the terms they sum
+            # (|xhat * w| + |b|), which can move the bf16 rounding of the norm by one step (up to 2^-7 of
+            # it) and then the product's rounding by one more. A dropped or misplaced rounding changes a
+            # large share of the elements; ulp-level noise changes about 1e-4 of them.
+            xhat = F.group_norm(y.float(), H, None, None, 64e-5)
+            n32 = xhat * w + b
+            terms = xhat.abs() * w.abs() + b.abs()
+            bound = g.float().abs() * (terms * 1e-5 + n32.abs() * 2 ** -7) + got[0][0].float().abs() * 2 ** -7
+            diff = (got[1][0].float() - got[0][0].float()).abs()
+            assert bool((diff <= bound).all()), float((diff - bound).max())
+            same = float((got[1][0] == got[0][0]).float().mean())
+            assert same >= 0.99, same
 
 
 @pytest.mark.gpu

@@ -45,9 +45,11 @@ def norm_gate(y: torch.Tensor, g: torch.Tensor, ln: nn.GroupNorm, backend: str =
     return norm_gate_triton(y, g, ln.weight, ln.bias, ln.num_groups, ln.eps)
 
 
-def norm_gate_triton(y, g, weight, bias, num_groups: int, eps: float) -> torch.Tensor:
-    """The fused kernels on tensors of any device Triton runs on (CUDA, or its CPU interpreter in tests)."""
-    return _function().apply(y, g, weight, bias, num_groups, eps)
+def norm_gate_triton(y, g, weight, bias, num_groups: int, eps: float, block_m: int = _BLOCK_M,
+                     num_warps: int = _NUM_WARPS) -> torch.Tensor:
+    """The fused kernels on tensors of any device Triton runs on (CUDA, or its CPU interpreter in tests).
+    block_m (rows per program) and num_warps are exposed for ``benchmarks/bench_groupnorm.py``."""
+    return _function().apply(y, g, weight, bias, num_groups, eps, block_m, num_warps)
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,7 +59,7 @@ def _function():
     import triton.language as tl
 
     @triton.jit
-    def fwd_kernel(Y, G, W, Bias, Out, Mean, Rstd, M, eps,
+    def norm_gate_fwd(Y, G, W, Bias, Out, Mean, Rstd, M, eps,
                    C: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr):
         # One program: rows [m0, m0 + BLOCK_M) x the N channels of head h.
         h = tl.program_id(1)
@@ -78,7 +80,7 @@ def _function():
         tl.store(Rstd + rows * H + h, rstd, mask=rmask)
 
     @triton.jit
-    def bwd_kernel(DOut, Y, G, W, Bias, Mean, Rstd, DY, DG, DW, DB, M,
+    def norm_gate_bwd(DOut, Y, G, W, Bias, Mean, Rstd, DY, DG, DW, DB, M,
                    C: tl.constexpr, N: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
@@ -107,7 +109,7 @@ def _function():
 
     class NormGate(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, y, g, weight, bias, num_groups, eps):
+        def forward(ctx, y, g, weight, bias, num_groups, eps, block_m, num_warps):
             M, C = y.shape
             N = C // num_groups
             if C % num_groups or N & (N - 1):
@@ -116,11 +118,11 @@ def _function():
             out = torch.empty_like(g)
             mean = torch.empty(M, num_groups, device=y.device, dtype=torch.float32)
             rstd = torch.empty_like(mean)
-            grid = (triton.cdiv(M, _BLOCK_M), num_groups)
-            fwd_kernel[grid](y, g, weight, bias, out, mean, rstd, M, eps, C=C, N=N, H=num_groups, BLOCK_M=_BLOCK_M,
-                             num_warps=_NUM_WARPS)
+            grid = (triton.cdiv(M, block_m), num_groups)
+            norm_gate_fwd[grid](y, g, weight, bias, out, mean, rstd, M, eps, C=C, N=N, H=num_groups, BLOCK_M=block_m,
+                             num_warps=num_warps)
             ctx.save_for_backward(y, g, weight, bias, mean, rstd)
-            ctx.num_groups = num_groups
+            ctx.num_groups, ctx.block_m, ctx.num_warps = num_groups, block_m, num_warps
             return out
 
         @staticmethod
@@ -128,15 +130,15 @@ def _function():
             y, g, weight, bias, mean, rstd = ctx.saved_tensors
             M, C = y.shape
             H = ctx.num_groups
-            nb = triton.cdiv(M, _BLOCK_M)
+            nb = triton.cdiv(M, ctx.block_m)
             dy, dg = torch.empty_like(y), torch.empty_like(g)
             dw = torch.empty(nb, C, device=y.device, dtype=torch.float32)
             db = torch.empty_like(dw)
-            bwd_kernel[(nb, H)](dout.contiguous(), y, g, weight, bias, mean, rstd, dy, dg, dw, db, M,
-                                C=C, N=C // H, H=H, BLOCK_M=_BLOCK_M, num_warps=_NUM_WARPS)
-            return dy, dg, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype), None, None
+            norm_gate_bwd[(nb, H)](dout.contiguous(), y, g, weight, bias, mean, rstd, dy, dg, dw, db, M,
+                                C=C, N=C // H, H=H, BLOCK_M=ctx.block_m, num_warps=ctx.num_warps)
+            return dy, dg, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype), None, None, None, None
 
-    NormGate.kernels = (fwd_kernel, bwd_kernel)  # for ahead-of-time compile checks
+    NormGate.kernels = (norm_gate_fwd, norm_gate_bwd)  # for ahead-of-time compile checks
     return NormGate
 
 
