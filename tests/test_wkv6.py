@@ -174,6 +174,72 @@ def test_fla_packed_is_sync_free_and_exact():
         assert rel(a.float(), b.grad) < 2e-2
 
 
+def test_primed_chunk_indices_are_flas_own():
+    # fla's per-chunk [sequence, chunk] table, written from host ints into fla's memo, must be exactly
+    # what fla computes (its prepare_chunk_indices runs on CPU tensors too), under both call spellings.
+    pytest.importorskip("triton")
+    try:
+        from fla.ops.utils import prepare_chunk_indices
+    except Exception:
+        pytest.skip("flash-linear-attention is not importable here")
+    from visualrwkv.ops import fla_varlen
+
+    g = torch.Generator().manual_seed(0)
+    cases = [[577, 100], [64, 128, 1], [0, 5, 0, 64], [3000]]
+    cases += [torch.randint(0, 2000, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+              for _ in range(20)]
+    for lens in cases:
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+        assert fla_varlen.prime_chunk_indices(cu, lens)
+        primed = prepare_chunk_indices(cu, 64)
+        assert prepare_chunk_indices(cu, 64, cu_seqlens_cpu=None) is primed
+        own = prepare_chunk_indices(cu.clone(), 64)  # a new tensor: fla computes it
+        assert primed.dtype == own.dtype and torch.equal(primed, own), lens
+    fla_varlen.set_enabled(False)
+    try:
+        assert not fla_varlen.prime_chunk_indices(cu, lens)
+    finally:
+        fla_varlen.set_enabled(True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fla_packed_with_primed_indices_never_syncs():
+    """With the lengths given on the host (prepare_packed), a packed fla call on new offsets runs
+    forward and backward without any host sync, and equals the call that lets fla build its tables."""
+    from visualrwkv.ops import fla_available
+    from visualrwkv.ops.wkv6 import prepare_packed
+
+    if not fla_available():
+        pytest.skip("flash-linear-attention is not installed")
+    torch.manual_seed(0)
+    dev, H, N = "cuda", 32, 64
+    lens = [577, 130, 1, 640]
+    T = sum(lens)
+    base = [torch.randn(1, T, H, N, device=dev, dtype=torch.bfloat16) for _ in range(3)]
+    base.append(torch.randn(1, T, H, N, device=dev, dtype=torch.bfloat16) - 1.0)
+    u = torch.randn(H, N, device=dev, dtype=torch.bfloat16)
+
+    def run(prime):
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=dev)  # new offsets each call
+        torch.cuda.synchronize()
+        if prime:
+            prepare_packed(cu, lens)
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            xs = [x.clone().requires_grad_() for x in base + [u]]
+            y, _ = wkv6(*xs, backend="fla", cu_seqlens=cu)
+            y.float().pow(2).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        return [y.detach()] + [x.grad for x in xs]
+
+    own = run(False)  # also the warm-up (autotuning)
+    primed = run(True)
+    for a, b in zip(primed, own):
+        assert torch.equal(a, b)
+
+
 def test_sync_free_state_pass_registers_with_fla_for_packed_calls_only():
     # Runs wherever fla imports (it needs triton, not a GPU); the GPU test above checks the results.
     pytest.importorskip("triton")

@@ -167,17 +167,13 @@ class RWKV6(nn.Module):
         LoRA mixes, norms and gates into few kernels. The WKV kernel itself runs uncompiled.
 
         fused_norm_gate: run ln_x and the gate product as the fused Triton kernels of
-        ``ops.norm_gate`` (CUDA only; opaque to the compiler, like the WKV kernel) instead of
-        inductor's lowering of GroupNorm."""
-        import functools
-
-        from visualrwkv.ops.norm_gate import norm_gate
+        ``ops.norm_gate`` (CUDA tensors only; custom ops that stay inside the block's graph as opaque
+        nodes) instead of inductor's lowering of GroupNorm."""
+        from visualrwkv.ops.norm_gate import fused_norm_gate_fn, norm_gate
         from visualrwkv.ops.wkv6 import compilable_wkv6
 
         wkv_fn = compilable_wkv6()
-        gate_fn = norm_gate
-        if fused_norm_gate:
-            gate_fn = torch.compiler.disable(functools.partial(norm_gate, backend="triton"))
+        gate_fn = fused_norm_gate_fn() if fused_norm_gate else norm_gate
         # Block.body is the same code for every layer (ln0 of layer 0 stays outside it) and reads no
         # per-layer Python constant, so dynamo builds one graph per input shape class and reuses it
         # for all layers (parameters are graph inputs), instead of one compile per layer.

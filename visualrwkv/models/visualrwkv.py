@@ -19,6 +19,7 @@ from visualrwkv.errors import UserError
 from visualrwkv.models.pooling import grid_pool, num_image_tokens
 from visualrwkv.models.rwkv6 import RWKV6, RWKVState
 from visualrwkv.models import vision
+from visualrwkv.ops.wkv6 import prepare_packed
 
 
 def release_vit_keys(sd, prefix: str = ""):
@@ -75,6 +76,7 @@ class MultimodalInputs:
     image_start: torch.Tensor
     lengths: torch.Tensor
     n_real: int = -1  # sum(lengths), known on the host (-1: not computed)
+    lengths_host: Optional[list] = None  # lengths as host ints (read back with the other numbers)
 
 
 @dataclass
@@ -194,9 +196,10 @@ class VisualRWKV(nn.Module):
         # CPU until the GPU has drained its queue).
         zero = n_ph.new_zeros(())
         mismatch = zero if has_image is None else (row_has != has_image.bool().to(device)).sum()
-        stats = torch.stack([v.long() for v in (n_ph.max() if B else zero, mismatch, row_has.sum(),
-                                                 new_len.max() if B else zero, new_len.sum())]).tolist()
-        most_ph, n_mismatch, n_img_rows, Tn, n_real = (int(v) for v in stats)
+        stats = torch.cat([torch.stack([v.long() for v in (n_ph.max() if B else zero, mismatch, row_has.sum(),
+                                                            new_len.max() if B else zero, new_len.sum())]),
+                           new_len.long()]).tolist()
+        most_ph, n_mismatch, n_img_rows, Tn, n_real = (int(v) for v in stats[:5])
         if most_ph > 1:
             rows = (n_ph > 1).nonzero().flatten().tolist()
             raise UserError(f"batch rows {rows} have more than one <image>; VisualRWKV takes one image per sample")
@@ -233,7 +236,7 @@ class VisualRWKV(nn.Module):
             # Reverse [p, p + n - 1): the image tokens without the trailing CLS (SPEC §4).
             seg = row_has.unsqueeze(1) & (j >= p) & (j < p + n - 1)
             scan_perm = torch.where(seg, 2 * p + n - 2 - j, j)
-        return MultimodalInputs(embeds, valid, new_labels, scan_perm, pos, new_len, n_real)
+        return MultimodalInputs(embeds, valid, new_labels, scan_perm, pos, new_len, n_real, stats[5:])
 
     # ---------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
@@ -255,6 +258,7 @@ class VisualRWKV(nn.Module):
             ends = torch.cumsum(lens, 0)
             offsets = ends - lens  # (B,) start of each row in the packed row
             cu = torch.cat([lens.new_zeros(1), ends])
+            prepare_packed(cu, mm.lengths_host, backend)  # the WKV kernel's chunk tables from host numbers
             # Packed token i is (row rows_all[i], position i - offsets[row]): integer indices built
             # without reading anything back (the count is known), where boolean masks would sync
             # here and again in backward.

@@ -17,6 +17,7 @@ code runs.
 from __future__ import annotations
 
 import inspect
+from collections import deque
 
 import torch
 
@@ -108,3 +109,53 @@ def install() -> bool:
     register("common")(SyncFreeVarlen)
     _installed = True
     return _enabled
+
+
+# chunk_rwkv6's own chunk size (fla-core 0.6.0 calls its autograd function with chunk_size=None -> 64).
+FLA_RWKV6_CHUNK = 64
+
+
+def prime_chunk_indices(cu_seqlens: torch.Tensor, seq_lens, chunk_size: int = FLA_RWKV6_CHUNK) -> bool:
+    """Hand fla the packed call's chunk indices, built from host integers, before the kernels ask.
+
+    fla-core 0.6.0's ``prepare_chunk_indices(cu_seqlens, chunk_size)`` expands per-sequence chunk counts
+    with ``repeat_interleave`` on the GPU, which reads the total back (a host sync). ``chunk_rwkv6``
+    asks for them once in its forward and ``chunk_gla_bwd_dv`` once more in the backward (with another
+    argument spelling), each memoised by the identity of ``cu_seqlens`` in fla's ``tensor_cache``: two
+    calls, four syncs per training step. The lengths are known on the host (``build_inputs`` reads them
+    back with its other numbers), so this writes the same (n_chunks, 2) [sequence, chunk] table into that
+    memo under both spellings, copied without a sync. Returns False (fla computes them itself, as
+    before) when the sync-free path is off or fla's memo is not the one this was written for.
+
+    cu_seqlens: (S + 1,) offsets on the GPU, the very tensor the kernels will get; seq_lens: S ints."""
+    if not _enabled:
+        return False
+    cache = _chunk_indices_memo()
+    if cache is None:
+        return False
+    pairs = [(i, j) for i, n in enumerate(seq_lens) for j in range(-(-int(n) // chunk_size))]
+    host = torch.tensor(pairs, dtype=cu_seqlens.dtype).reshape(-1, 2)
+    if cu_seqlens.is_cuda:
+        host = host.pin_memory()
+    table = host.to(cu_seqlens.device, non_blocking=True)
+    cache.append(((cu_seqlens, chunk_size), {}, table))
+    cache.append(((cu_seqlens, chunk_size), {"cu_seqlens_cpu": None}, table))
+    return True
+
+
+def _chunk_indices_memo():
+    """fla's memo of ``prepare_chunk_indices`` (a deque of (args, kwargs, result)), or None."""
+    try:
+        from fla.ops.utils import index
+    except Exception:
+        return None
+    fn = index.prepare_chunk_indices
+    if getattr(fn, "__closure__", None) is None or not hasattr(fn, "__wrapped__"):
+        return None
+    if tuple(inspect.signature(fn.__wrapped__).parameters) != ("cu_seqlens", "chunk_size", "cu_seqlens_cpu"):
+        return None
+    cells = dict(zip(fn.__code__.co_freevars, fn.__closure__))
+    cache = cells["cached"].cell_contents if "cached" in cells else None
+    if not isinstance(cache, deque) or (cache.maxlen or 0) < 2:
+        return None
+    return cache

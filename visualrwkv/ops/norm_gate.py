@@ -13,24 +13,25 @@ an explicit argument:
   keeps the reference's roundings: the normalised value is rounded to g's dtype before the product, and
   the gradient reaching the norm is the rounded product dout * g, as autograd computes it.
 
-Why: inside the compiled stage-2 step inductor's lowering of ``native_group_norm`` spends ~20 ms per step
-(1.6B shape, 11.8k tokens, H100; ``benchmarks/results/2026-11-27-h100-e``) on work whose bytes need
-~3 ms. The fused kernel is opt-in (``RWKV6.compile_blocks(fused_norm_gate=True)``,
-``bench_train_gpu.py --fused_norm_gate 1``) until measured on a GPU against the reference.
+Why: inside the compiled stage-2 step (1.6B shape, 11.8k tokens, H100) inductor's lowering of
+``native_group_norm`` with the product spends 22.8 ms of kernel time per step; these kernels 5.0 ms
+(``benchmarks/results/2026-11-27-h100-f``). ``train --compile 1`` uses them on CUDA
+(``--fused_norm_gate 0`` for inductor's); everywhere else the reference runs.
 """
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 NORM_GATE_BACKENDS = ("reference", "triton")
-# Rows per program and warps: a program holds BLOCK_M x N values of one head, 8 per thread. For sm_90
-# ptxas gives 64 (forward) and 96 (backward) registers per thread, no spills (tests/test_norm_gate.py);
-# with 4 warps the backward needed 199.
-_BLOCK_M = 32
+# Rows per program and warps: a program holds BLOCK_M x N values of one head, 16 per thread. sm_90
+# ptxas compiles it without spills (tests/test_norm_gate.py); on the H100 (bench_groupnorm.py, 11,800 x
+# 2048, fwd+bwd kernel time) 64x8 took 0.175 ms, 32x8 0.239, 16x4 0.268, 16x8 0.368.
+_BLOCK_M = 64
 _NUM_WARPS = 8
 
 
@@ -49,12 +50,13 @@ def norm_gate_triton(y, g, weight, bias, num_groups: int, eps: float, block_m: i
                      num_warps: int = _NUM_WARPS) -> torch.Tensor:
     """The fused kernels on tensors of any device Triton runs on (CUDA, or its CPU interpreter in tests).
     block_m (rows per program) and num_warps are exposed for ``benchmarks/bench_groupnorm.py``."""
-    return _function().apply(y, g, weight, bias, num_groups, eps, block_m, num_warps)
+    return _function()(y, g, weight, bias, num_groups, eps, block_m, num_warps)
 
 
 @functools.lru_cache(maxsize=1)
 def _function():
-    """Build the kernels and their autograd.Function on first use: triton is imported only here."""
+    """Build the kernels and their custom ops on first use (triton is imported only here); returns
+    ``apply(y, g, weight, bias, num_groups, eps, block_m, num_warps) -> out``."""
     import triton
     import triton.language as tl
 
@@ -107,39 +109,85 @@ def _function():
         dy = (dx - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         tl.store(DY + offs, dy.to(DY.dtype.element_ty), mask=rmask[:, None])
 
-    class NormGate(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, y, g, weight, bias, num_groups, eps, block_m, num_warps):
-            M, C = y.shape
-            N = C // num_groups
-            if C % num_groups or N & (N - 1):
-                raise ValueError(f"norm_gate needs C ({C}) = num_groups x a power of two; got {num_groups} groups")
-            y, g = y.contiguous(), g.contiguous()
-            out = torch.empty_like(g)
-            mean = torch.empty(M, num_groups, device=y.device, dtype=torch.float32)
-            rstd = torch.empty_like(mean)
-            grid = (triton.cdiv(M, block_m), num_groups)
-            norm_gate_fwd[grid](y, g, weight, bias, out, mean, rstd, M, eps, C=C, N=N, H=num_groups, BLOCK_M=block_m,
-                             num_warps=num_warps)
-            ctx.save_for_backward(y, g, weight, bias, mean, rstd)
-            ctx.num_groups, ctx.block_m, ctx.num_warps = num_groups, block_m, num_warps
-            return out
+    # Custom ops, not an autograd.Function: torch.compile keeps them inside the block's graph as opaque
+    # nodes (an autograd.Function around raw kernel launches would need a graph break per layer, each
+    # one more compiled region to enter forward and backward), and autograd pairs them.
+    @torch.library.custom_op("visualrwkv::norm_gate_fwd", mutates_args=())
+    def fwd(y: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
+            eps: float, block_m: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        M, C = y.shape
+        y, g = y.contiguous(), g.contiguous()
+        out = torch.empty_like(g)
+        mean = torch.empty(M, num_groups, device=y.device, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
+        norm_gate_fwd[(triton.cdiv(M, block_m), num_groups)](
+            y, g, weight, bias, out, mean, rstd, M, eps, C=C, N=C // num_groups, H=num_groups, BLOCK_M=block_m,
+            num_warps=num_warps)
+        return out, mean, rstd
 
-        @staticmethod
-        def backward(ctx, dout):
-            y, g, weight, bias, mean, rstd = ctx.saved_tensors
-            M, C = y.shape
-            H = ctx.num_groups
-            nb = triton.cdiv(M, ctx.block_m)
-            dy, dg = torch.empty_like(y), torch.empty_like(g)
-            dw = torch.empty(nb, C, device=y.device, dtype=torch.float32)
-            db = torch.empty_like(dw)
-            norm_gate_bwd[(nb, H)](dout.contiguous(), y, g, weight, bias, mean, rstd, dy, dg, dw, db, M,
-                                C=C, N=C // H, H=H, BLOCK_M=ctx.block_m, num_warps=ctx.num_warps)
-            return dy, dg, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype), None, None, None, None
+    @fwd.register_fake
+    def _(y, g, weight, bias, num_groups, eps, block_m, num_warps):
+        mean = y.new_empty(y.shape[0], num_groups, dtype=torch.float32)
+        return torch.empty_like(g, memory_format=torch.contiguous_format), mean, torch.empty_like(mean)
 
-    NormGate.kernels = (norm_gate_fwd, norm_gate_bwd)  # for ahead-of-time compile checks
-    return NormGate
+    @torch.library.custom_op("visualrwkv::norm_gate_bwd", mutates_args=())
+    def bwd(dout: torch.Tensor, y: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+            mean: torch.Tensor, rstd: torch.Tensor, block_m: int, num_warps: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        M, C = y.shape
+        H = mean.shape[1]
+        nb = triton.cdiv(M, block_m)
+        dy, dg = torch.empty_like(y), torch.empty_like(g)
+        dw = torch.empty(nb, C, device=y.device, dtype=torch.float32)  # partial sums per row block
+        db = torch.empty_like(dw)
+        norm_gate_bwd[(nb, H)](dout.contiguous(), y, g, weight, bias, mean, rstd, dy, dg, dw, db, M,
+                               C=C, N=C // H, H=H, BLOCK_M=block_m, num_warps=num_warps)
+        return dy, dg, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype)
+
+    @bwd.register_fake
+    def _(dout, y, g, weight, bias, mean, rstd, block_m, num_warps):
+        return (torch.empty_like(y, memory_format=torch.contiguous_format),
+                torch.empty_like(g, memory_format=torch.contiguous_format), torch.empty_like(weight),
+                torch.empty_like(bias))
+
+    def setup_context(ctx, inputs, output):
+        y, g, weight, bias, num_groups, eps, block_m, num_warps = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(y.contiguous(), g.contiguous(), weight, bias, mean, rstd)
+        ctx.block_m, ctx.num_warps = block_m, num_warps
+
+    def backward(ctx, dout, _dmean, _drstd):
+        y, g, weight, bias, mean, rstd = ctx.saved_tensors
+        dy, dg, dw, db = bwd(dout, y, g, weight, bias, mean, rstd, ctx.block_m, ctx.num_warps)
+        return dy, dg, dw, db, None, None, None, None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+
+    def apply(y, g, weight, bias, num_groups: int, eps: float, block_m: int = _BLOCK_M, num_warps: int = _NUM_WARPS):
+        C = y.shape[-1]
+        if C % num_groups or (C // num_groups) & (C // num_groups - 1):
+            raise ValueError(f"norm_gate needs C ({C}) = num_groups x a power of two; got {num_groups} groups")
+        return fwd(y, g, weight, bias, num_groups, float(eps), block_m, num_warps)[0]
+
+    apply.kernels = (norm_gate_fwd, norm_gate_bwd)  # for ahead-of-time compile checks
+    return apply
+
+
+def fused_norm_gate_fn():
+    """``norm_gate(..., backend="triton")`` for code that torch.compile traces (``RWKV6.compile_blocks``):
+    the kernels and custom ops are built here, eagerly, so the traced call is the custom op alone.
+    CPU tensors, or no triton installed, take the reference (same results)."""
+    if importlib.util.find_spec("triton") is None:
+        return norm_gate
+    apply = _function()
+
+    def fn(y, g, ln):
+        if y.is_cuda:
+            return apply(y, g, ln.weight, ln.bias, ln.num_groups, ln.eps)
+        return reference_norm_gate(y, g, ln.weight, ln.bias, ln.num_groups, ln.eps)
+
+    return fn
 
 
 def reference_norm_gate(y, g, weight, bias, num_groups: int, eps: float) -> torch.Tensor:

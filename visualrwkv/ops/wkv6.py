@@ -218,6 +218,18 @@ def _fla_chunk_rwkv6():
     return chunk_rwkv6
 
 
+def prepare_packed(cu_seqlens: torch.Tensor, seq_lens, backend: str = "auto") -> None:
+    """Before a packed call: give the backend the sequence lengths as host ints (S,) for
+    cu_seqlens (S + 1,). fla builds per-chunk tables from them without reading the GPU back
+    (``fla_varlen.prime_chunk_indices``); the PyTorch backends need nothing."""
+    if seq_lens is None or not cu_seqlens.is_cuda or resolve_backend(backend, cu_seqlens.device) != "fla":
+        return
+    _fla_chunk_rwkv6()
+    from visualrwkv.ops import fla_varlen
+
+    fla_varlen.prime_chunk_indices(cu_seqlens, seq_lens)
+
+
 def wkv6_fla(r, k, v, w, u, initial_state=None, output_final_state=False, cu_seqlens=None, kernel=None):
     """fla's Triton kernel. RWKV-6 needs scale=1.0 and the log-space decay -exp(w).
     ``kernel``: fla's ``chunk_rwkv6`` or a stand-in with its signature (default: imported here)."""

@@ -150,7 +150,7 @@ def add_input_dropout(model, p: float) -> Optional[torch.utils.hooks.RemovableHa
 
 
 def compile_for_training(model, act_budget: float = 1.0, compile_vit: bool = True,
-                         fused_norm_gate: bool = False) -> None:
+                         fused_norm_gate: bool = True) -> None:
     """torch.compile the RWKV blocks for GPU training (``--compile 1``).
 
     act_budget < 1 (``--act_budget``): the partitioner of every compiled graph keeps at most that
@@ -169,8 +169,10 @@ def compile_for_training(model, act_budget: float = 1.0, compile_vit: bool = Tru
     ``bench_train_gpu.py --compile_vit 0/1``; about 30 s more compilation at the start). A trainable
     tower (``--train_vit 1``) stays eager.
 
-    fused_norm_gate: ln_x and the gate product as fused Triton kernels (``ops.norm_gate``); off until
-    measured against inductor's GroupNorm on a GPU (``bench_train_gpu.py --fused_norm_gate 0/1``)."""
+    fused_norm_gate: ln_x and the gate product as fused Triton kernels (``ops.norm_gate``, custom ops
+    inside the compiled graphs) instead of inductor's GroupNorm: on an H100, 1.6B stage 2, their kernel
+    time is 5.0 ms per step where inductor's group_norm kernels take 22.8 ms
+    (``bench_train_gpu.py --fused_norm_gate 0/1 --profile``)."""
     import torch._dynamo
     from torch._functorch import config as functorch_config
 
