@@ -89,8 +89,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="with --compile 1: comma-separated torch._inductor.config settings, e.g. "
                         "coordinate_descent_tuning=1,max_autotune=1 (ints, floats and words as given)")
     p.add_argument("--fla_sync_free", type=int, choices=[0, 1], default=1,
-                   help="packed fla calls size their state buffer on the host (1, default) or with fla's own "
-                        "per-call GPU read-back (0: the baseline of visualrwkv.ops.fla_varlen)")
+                   help="packed fla calls size their state buffer and get their chunk tables from host numbers "
+                        "(1, default) or use fla's own GPU read-backs (0: the baseline of "
+                        "visualrwkv.ops.fla_varlen)")
     p.add_argument("--devices", type=int, default=1,
                    help="GPUs (with --lightning): > 1 runs DDP, one process per GPU, each with --micro_bsz")
     p.add_argument("--lightning", action="store_true",

@@ -13,6 +13,11 @@ The replacement is registered through fla's own backend registry (``fla.backends
 the ``chunk_fwd_h`` entry point, only for packed calls, and only when the installed fla's
 ``chunk_fwd_h`` and its kernel have the signatures this was written against; otherwise fla's own
 code runs.
+
+The chunk tables (``prime_chunk_indices``, below) remove the last syncs of the packed path: fla
+builds its [sequence, chunk] table with a GPU ``repeat_interleave`` (4 syncs per step); the lengths
+are known on the host, so the table is built there and handed to fla's memo (H100, 1.6B stage 2:
+syncs 7 -> 3 per step, ~3.5 ms; ``benchmarks/results/2026-11-27-h100-f``).
 """
 from __future__ import annotations
 
