@@ -226,6 +226,33 @@ def test_packed_training_forward_equals_padded(tower):
         assert rel(grads[True][1][n], grads[False][1][n]) <= 1e-4, n
 
 
+def test_supervised_count_is_known_before_splicing(tower):
+    """build_inputs counts the next-token targets on the host with its other numbers (the packed loss
+    picks them without a read-back): it must equal the count over the spliced, shifted labels, with
+    the image first, inside or absent, a supervised first position, garbage labels past a row's length
+    and an empty row."""
+    model = _model(tower)
+    g = torch.Generator().manual_seed(3)
+    n = model.n_image_tokens
+    for trial in range(12):
+        rows = [_row(0, 6, trial), _row(3, 10, trial + 1), _row(None, 8, trial + 2), _row(10, 10, trial + 3), []]
+        T = max(map(len, rows))
+        ids = torch.zeros(len(rows), T, dtype=torch.long)
+        lab = torch.randint(0, 50, (len(rows), T), generator=g)  # past a row's length: not ignored
+        lab[torch.rand(len(rows), T, generator=g) < 0.4] = IGNORE_INDEX
+        for b, r in enumerate(rows):
+            if r:
+                ids[b, :len(r)] = torch.tensor(r)
+        lab[ids == IMAGE_TOKEN_INDEX] = torch.where(torch.rand(()) < 0.5, IGNORE_INDEX, 7)  # either way
+        lengths = torch.tensor([len(r) for r in rows])
+        emb = torch.randn(3, n, model.rwkv.cfg.n_embd)
+        mm = model.build_inputs(ids, lengths, emb, labels=lab)
+        target = torch.cat([mm.labels[:, 1:], mm.labels.new_full((len(rows), 1), IGNORE_INDEX)], dim=1)
+        assert mm.n_supervised == int((target != IGNORE_INDEX).sum()), trial
+        assert mm.lengths_host == mm.lengths.tolist()
+    assert model.build_inputs(ids, lengths, emb).n_supervised == -1
+
+
 def test_tower_keys_use_the_released_layout(tower, tmp_path):
     """Released files (transformers 4) name the tower vit.vision_model.*; we write and read that,
     and still read files whose tower keys lack the vision_model level."""

@@ -77,6 +77,7 @@ class MultimodalInputs:
     lengths: torch.Tensor
     n_real: int = -1  # sum(lengths), known on the host (-1: not computed)
     lengths_host: Optional[list] = None  # lengths as host ints (read back with the other numbers)
+    n_supervised: int = -1  # positions with a next-token target (labels given), known on the host
 
 
 @dataclass
@@ -196,10 +197,16 @@ class VisualRWKV(nn.Module):
         # CPU until the GPU has drained its queue).
         zero = n_ph.new_zeros(())
         mismatch = zero if has_image is None else (row_has != has_image.bool().to(device)).sum()
+        n_sup = zero
+        if labels is not None:
+            # Targets after splicing: the labels of real, non-placeholder positions (the image adds only
+            # ignored ones), less the row's first position, which no position predicts. (B, T) bool.
+            sup = (labels != IGNORE_INDEX) & ~is_ph & (torch.arange(T, device=device) < lengths.unsqueeze(1))
+            n_sup = sup.sum() - (sup[:, 0].sum() if T else zero)
         stats = torch.cat([torch.stack([v.long() for v in (n_ph.max() if B else zero, mismatch, row_has.sum(),
-                                                            new_len.max() if B else zero, new_len.sum())]),
+                                                            new_len.max() if B else zero, new_len.sum(), n_sup)]),
                            new_len.long()]).tolist()
-        most_ph, n_mismatch, n_img_rows, Tn, n_real = (int(v) for v in stats[:5])
+        most_ph, n_mismatch, n_img_rows, Tn, n_real, n_supervised = (int(v) for v in stats[:6])
         if most_ph > 1:
             rows = (n_ph > 1).nonzero().flatten().tolist()
             raise UserError(f"batch rows {rows} have more than one <image>; VisualRWKV takes one image per sample")
@@ -236,7 +243,8 @@ class VisualRWKV(nn.Module):
             # Reverse [p, p + n - 1): the image tokens without the trailing CLS (SPEC §4).
             seg = row_has.unsqueeze(1) & (j >= p) & (j < p + n - 1)
             scan_perm = torch.where(seg, 2 * p + n - 2 - j, j)
-        return MultimodalInputs(embeds, valid, new_labels, scan_perm, pos, new_len, n_real, stats[5:])
+        return MultimodalInputs(embeds, valid, new_labels, scan_perm, pos, new_len, n_real, stats[6:],
+                                n_supervised if labels is not None else -1)
 
     # ---------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
@@ -287,7 +295,10 @@ class VisualRWKV(nn.Module):
         target = torch.cat([mm.labels[:, 1:], mm.labels.new_full((B, 1), IGNORE_INDEX)], dim=1)  # (B, Tn)
         if pack:
             target = target.flatten().index_select(0, flat)  # (N,)
-            sel = (target != IGNORE_INDEX).nonzero().squeeze(1)  # (M,): the step's one read-back
+            # (M,) supervised positions in order. M is known on the host, so no read-back: a stable
+            # descending sort of the 0/1 mask puts them first, in order, where nonzero would sync.
+            sel = torch.sort((target != IGNORE_INDEX).to(torch.uint8), descending=True,
+                             stable=True).indices[:mm.n_supervised]
             rows = rows_all.index_select(0, sel)
             h = hidden.index_select(0, sel)
             lg = self.rwkv.head(h) if logits is None else logits.flatten(0, 1).index_select(0, flat.index_select(0, sel))
