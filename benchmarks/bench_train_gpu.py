@@ -81,6 +81,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--fused_norm_gate", type=int, choices=[0, 1], default=1,
                    help="with --compile 1: ln_x and the gate product as fused Triton kernels (ops/norm_gate.py; "
                         "the default of train --compile 1); 0: inductor's GroupNorm (the baseline)")
+    p.add_argument("--wkv_op", type=int, choices=[0, 1], default=0,
+                   help="with --compile 1: packed WKV calls as custom ops inside the compiled graphs (1) or "
+                        "behind a graph break (0, the default of train --compile 1)")
     p.add_argument("--act_estimator", choices=["flops", "profile"], default="flops",
                    help="with --act_budget: how the partitioner prices recomputation (torch._functorch "
                         "activation_memory_budget_runtime_estimator): flop counts (elementwise ops look free) "
@@ -367,7 +370,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from visualrwkv.train.model import compile_for_training
 
         compile_for_training(model, 1.0 if a.act_budget is None else a.act_budget, compile_vit=bool(a.compile_vit),
-                             fused_norm_gate=bool(a.fused_norm_gate))
+                             fused_norm_gate=bool(a.fused_norm_gate), wkv_custom_op=bool(a.wkv_op))
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -379,6 +382,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{'' if a.act_budget is None else ' (activation budget %g, %s)' % (a.act_budget, a.act_estimator)}; "
           f"{'' if a.fla_sync_free else 'fla state pass with host sync; '}"
           f"{'fused ln_x + gate; ' if a.compile and a.fused_norm_gate else ''}"
+          f"{'WKV as custom ops; ' if a.compile and a.wkv_op else ''}"
           f"{'inductor ' + a.inductor + '; ' if a.inductor else ''}"
           f"{'lightning' if a.lightning else 'plain loop'}; built in {time.perf_counter() - t0:.0f}s")
     header = f"{'stage':>5} {'micro_bsz':>9} {'text_len':>8} {'seq_len':>7} {'step_ms':>9} {'samples/s':>10} " \

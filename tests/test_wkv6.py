@@ -1,4 +1,6 @@
 """The WKV6 backends against the slow recurrent reference: outputs, final state and gradients."""
+import concurrent.futures
+
 import pytest
 import torch
 
@@ -238,6 +240,98 @@ def test_fla_packed_with_primed_indices_never_syncs():
     primed = run(True)
     for a, b in zip(primed, own):
         assert torch.equal(a, b)
+
+
+def test_fla_packed_custom_ops_plumbing_with_stand_in_kernels(monkeypatch):
+    # The custom-op route (compilable_wkv6(custom_op=True)) on this CPU: fla's function-level forward and
+    # backward are replaced by stand-ins built on the chunked PyTorch backend, so what is checked is the
+    # plumbing: arguments (chunk table, scale, no state), fake shapes, autograd pairing, casts, and no
+    # graph break under torch.compile(fullgraph=True). The real kernels: the GPU test below.
+    pytest.importorskip("triton")
+    try:
+        from fla.ops.rwkv6 import chunk as fla_chunk
+        from fla.ops.utils import prepare_chunk_indices
+    except Exception:
+        pytest.skip("flash-linear-attention is not importable here")
+    from visualrwkv.ops.wkv6 import _fla_packed_ops, wkv6_fla_packed_op
+
+    ops = _fla_packed_ops()
+    assert ops is not None, "fla's chunk_rwkv6_fwd/bwd signatures changed"
+    seen = []
+
+    def chunked(q, k, v, g, u, cu):
+        return wkv6(q, k, v, torch.log(-g), u, backend="chunked", cu_seqlens=cu)[0]
+
+    def fwd(q, k, v, g, u, scale, initial_state, output_final_state, cu_seqlens, chunk_size, chunk_indices):
+        assert scale == 1.0 and initial_state is None and not output_final_state and chunk_size == 64
+        seen.append(torch.equal(chunk_indices, prepare_chunk_indices(cu_seqlens.clone(), 64)))
+        return q.new_zeros(*q.shape[:3], 64, dtype=torch.float32), None, None, chunked(q, k, v, g, u, cu_seqlens)
+
+    def bwd(q, k, v, g, u, scale, initial_state, A, do, dht, cu_seqlens, chunk_size, chunk_indices):
+        assert A.shape == (*q.shape[:3], 64) and dht is None
+
+        def vjp():  # in a thread of its own: a custom op's body runs with autograd's dispatch key excluded
+            xs = [t.detach().requires_grad_() for t in (q, k, v, g, u)]
+            return torch.autograd.grad(chunked(*xs, cu_seqlens), xs, do)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            grads = pool.submit(vjp).result()
+        return (*grads, None)
+
+    monkeypatch.setattr(fla_chunk, "chunk_rwkv6_fwd", fwd)
+    monkeypatch.setattr(fla_chunk, "chunk_rwkv6_bwd", bwd)
+    gen = torch.Generator().manual_seed(0)
+    H, N = 2, 8
+    step = torch.compile(lambda r, k, v, w, u, cu: wkv6_fla_packed_op(r * 1.0, k, v, w, u, cu, ops) * 2,
+                         backend="aot_eager", fullgraph=True, dynamic=True)
+    for lens in ([5, 70, 1], [33, 64]):
+        T = sum(lens)
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+        base = [torch.randn(1, T, H, N, generator=gen) for _ in range(3)]
+        base += [torch.randn(1, T, H, N, generator=gen) - 1.0, torch.randn(H, N, generator=gen)]
+        probe = torch.randn(1, T, H, N, generator=gen)
+        results = []
+        for f in (lambda *a: wkv6_fla_packed_op(*a, ops) * 2, step,
+                  lambda r, k, v, w, u, cu: wkv6(r, k, v, w, u, backend="chunked", cu_seqlens=cu)[0] * 2):
+            xs = [x.clone().requires_grad_() for x in base]
+            y = f(*xs, cu)
+            (y * probe).sum().backward()
+            results.append([y.detach()] + [x.grad for x in xs])
+        for got in results[:2]:
+            for a, c in zip(got, results[2]):
+                assert rel(a, c) <= 1e-5
+    assert seen and all(seen)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fla_packed_custom_ops_equal_flas_function_on_gpu():
+    """The custom-op route gives fla's own results bit for bit (same kernels), eagerly and compiled."""
+    from visualrwkv.ops import fla_available
+    from visualrwkv.ops.wkv6 import _fla_packed_ops, prepare_packed, wkv6_fla_packed_op
+
+    if not fla_available():
+        pytest.skip("flash-linear-attention is not installed")
+    assert _fla_packed_ops() is not None
+    torch.manual_seed(0)
+    dev, H, N = "cuda", 32, 64
+    lens = [577, 130, 1, 640]
+    T = sum(lens)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=dev)
+    prepare_packed(cu, lens)
+    base = [torch.randn(1, T, H, N, device=dev, dtype=torch.bfloat16) for _ in range(3)]
+    base.append(torch.randn(1, T, H, N, device=dev, dtype=torch.bfloat16) - 1.0)
+    base.append(torch.randn(H, N, device=dev))
+    compiled = torch.compile(lambda *a: wkv6_fla_packed_op(*a) * 1, fullgraph=True, dynamic=True)
+    results = []
+    for f in (lambda *a: wkv6(*a[:5], backend="fla", cu_seqlens=a[5])[0], wkv6_fla_packed_op, compiled):
+        xs = [x.clone().requires_grad_() for x in base]
+        y = f(*xs, cu)
+        y.float().pow(2).sum().backward()
+        results.append([y.detach()] + [x.grad for x in xs])
+    for got in results[1:]:
+        for a, c in zip(got, results[0]):
+            assert torch.equal(a, c)
 
 
 def test_sync_free_state_pass_registers_with_fla_for_packed_calls_only():

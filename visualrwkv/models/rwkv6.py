@@ -162,17 +162,20 @@ class RWKV6(nn.Module):
                 f.value.weight.zero_()
         return self
 
-    def compile_blocks(self, dynamic: bool = True, fused_norm_gate: bool = False) -> "RWKV6":
+    def compile_blocks(self, dynamic: bool = True, fused_norm_gate: bool = False,
+                       wkv_custom_op: bool = False) -> "RWKV6":
         """Compile each block with torch.compile (GPU training/prefill): fuses the token shift,
         LoRA mixes, norms and gates into few kernels. The WKV kernel itself runs uncompiled.
 
         fused_norm_gate: run ln_x and the gate product as the fused Triton kernels of
         ``ops.norm_gate`` (CUDA tensors only; custom ops that stay inside the block's graph as opaque
-        nodes) instead of inductor's lowering of GroupNorm."""
+        nodes) instead of inductor's lowering of GroupNorm.
+        wkv_custom_op: packed training calls of fla's WKV kernels as custom ops inside the block's graph
+        instead of a graph break around them (``ops.wkv6.compilable_wkv6``); off until measured."""
         from visualrwkv.ops.norm_gate import fused_norm_gate_fn, norm_gate
         from visualrwkv.ops.wkv6 import compilable_wkv6
 
-        wkv_fn = compilable_wkv6()
+        wkv_fn = compilable_wkv6(custom_op=wkv_custom_op)
         gate_fn = fused_norm_gate_fn() if fused_norm_gate else norm_gate
         # Block.body is the same code for every layer (ln0 of layer 0 stays outside it) and reads no
         # per-layer Python constant, so dynamo builds one graph per input shape class and reuses it

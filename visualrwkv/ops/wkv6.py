@@ -247,21 +247,122 @@ def wkv6_fla(r, k, v, w, u, initial_state=None, output_final_state=False, cu_seq
     return y.to(r.dtype), (final.float() if (output_final_state and final is not None) else None)
 
 
-def compilable_wkv6():
+# fla-core 0.6.0's function-level entry points that ChunkRWKV6Function calls (checked before use).
+_FLA_FWD_PARAMS = ("q", "k", "v", "g", "u", "scale", "initial_state", "output_final_state", "cu_seqlens",
+                   "chunk_size", "chunk_indices")
+_FLA_BWD_PARAMS = ("q", "k", "v", "g", "u", "scale", "initial_state", "A", "do", "dht", "cu_seqlens",
+                   "chunk_size", "chunk_indices")
+_FLA_CHUNK = 64  # chunk_rwkv6's chunk size
+
+
+@functools.lru_cache(maxsize=1)
+def _fla_packed_ops():
+    """fla's packed RWKV-6 forward and backward as ``torch.library`` custom ops, or None when fla is
+    missing or its entry points differ from fla-core 0.6.0's.
+
+    Why: behind ``torch.compiler.disable`` (``compilable_wkv6``'s default) the WKV call splits every
+    compiled block into two graphs, each entered and left in forward and backward; as custom ops the
+    block is one graph with the kernels as opaque nodes (as ``norm_gate``). Training calls only: packed
+    (cu_seqlens), no initial or final state. Returns ``apply(r, k, v, g, u, cu_seqlens) -> o`` with
+    g = -exp(w) in float32, r, k, v (1, T, H, N), u (H, N)."""
+    import contextlib
+    import inspect
+
+    if not fla_available():
+        return None
+    _fla_chunk_rwkv6()  # the sync-free state pass
+    from fla.ops.rwkv6 import chunk as fla_chunk
+    from fla.ops.utils import prepare_chunk_indices
+
+    if (tuple(inspect.signature(fla_chunk.chunk_rwkv6_fwd).parameters) != _FLA_FWD_PARAMS
+            or tuple(inspect.signature(fla_chunk.chunk_rwkv6_bwd).parameters) != _FLA_BWD_PARAMS):
+        return None
+
+    def on_device(t):  # fla's kernels launch on the current CUDA device (its input_guard sets it)
+        return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+    @torch.library.custom_op("visualrwkv::wkv6_fla_packed_fwd", mutates_args=())
+    def fwd(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+            cu_seqlens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        r, k, v, g, u = (t.contiguous() for t in (r, k, v, g, u))
+        with on_device(r):
+            # chunk_indices: fla's memo, filled from host numbers by prepare_packed (else fla builds it).
+            A, _, _, o = fla_chunk.chunk_rwkv6_fwd(
+                q=r, k=k, v=v, g=g, u=u, scale=1.0, initial_state=None, output_final_state=False,
+                cu_seqlens=cu_seqlens, chunk_size=_FLA_CHUNK,
+                chunk_indices=prepare_chunk_indices(cu_seqlens, _FLA_CHUNK))
+        return o, A
+
+    @fwd.register_fake
+    def _(r, k, v, g, u, cu_seqlens):
+        # o: like v; A: (B, T, H, chunk) float32, the intra-chunk attention fla keeps for backward.
+        return (torch.empty_like(v, memory_format=torch.contiguous_format),
+                r.new_empty(*r.shape[:3], _FLA_CHUNK, dtype=torch.float32))
+
+    @torch.library.custom_op("visualrwkv::wkv6_fla_packed_bwd", mutates_args=())
+    def bwd(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+            A: torch.Tensor, do: torch.Tensor, cu_seqlens: torch.Tensor
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        r, k, v, g, u, do = (t.contiguous() for t in (r, k, v, g, u, do))
+        with on_device(r):
+            dq, dk, dv, dg, du, _ = fla_chunk.chunk_rwkv6_bwd(
+                q=r, k=k, v=v, g=g, u=u, scale=1.0, initial_state=None, A=A, do=do, dht=None,
+                cu_seqlens=cu_seqlens, chunk_size=_FLA_CHUNK,
+                chunk_indices=prepare_chunk_indices(cu_seqlens, _FLA_CHUNK))
+        return dq.to(r.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), du.to(u.dtype)
+
+    @bwd.register_fake
+    def _(r, k, v, g, u, A, do, cu_seqlens):
+        return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (r, k, v, g, u))
+
+    def setup_context(ctx, inputs, output):
+        r, k, v, g, u, cu_seqlens = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(r, k, v, g, u, output[1], cu_seqlens)
+
+    def backward(ctx, do, _dA):
+        r, k, v, g, u, A, cu_seqlens = ctx.saved_tensors
+        return (*bwd(r, k, v, g, u, A, do, cu_seqlens), None)
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+
+    def apply(r, k, v, g, u, cu_seqlens):
+        return fwd(r, k, v, g, u, cu_seqlens)[0]
+
+    return apply
+
+
+def wkv6_fla_packed_op(r, k, v, w, u, cu_seqlens, ops=None):
+    """Packed training call (no state) through the custom ops of ``_fla_packed_ops``; same kernels and
+    results as ``wkv6_fla``. r, k, v, w: (1, T, H, N); u: (H, N); cu_seqlens: (S + 1,). Returns y (1, T, H, N)."""
+    ops = ops or _fla_packed_ops()
+    g = -torch.exp(w.float())  # (1, T, H, N) float32 log-decay
+    return ops(r, k, v, g, u, cu_seqlens).to(r.dtype)
+
+
+def compilable_wkv6(custom_op: bool = False):
     """``wkv6`` for code that torch.compile traces (``RWKV6.compile_blocks``).
 
     Only the kernel call is left out of the graph: on CUDA with fla, the log-decay ``-exp(w)``
     and the dtype casts around fla's ``chunk_rwkv6`` are traced, so inductor fuses them into the
     decay LoRA's kernel instead of running three more eager passes over a (B, T, C) float32
     tensor per layer; every other case calls the whole of ``wkv6`` opaquely (the PyTorch backends
-    have data-dependent loops). fla is looked up once, here, not inside the traced code."""
+    have data-dependent loops). fla is looked up once, here, not inside the traced code.
+
+    custom_op: packed calls without state (training) go through ``_fla_packed_ops`` (custom ops inside
+    the graph, no graph break); other calls as above. Off until measured on a GPU."""
     opaque = torch.compiler.disable(wkv6)
-    kernel = None
+    kernel = ops = None
     if fla_available():
         kernel = torch.compiler.disable(_fla_chunk_rwkv6())
+        ops = _fla_packed_ops() if custom_op else None
 
     def fn(r, k, v, w, u, initial_state=None, output_final_state=False, backend="auto", chunk_size=16,
            cu_seqlens=None):
+        if (ops is not None and r.is_cuda and backend in ("auto", "fla") and cu_seqlens is not None
+                and initial_state is None and not output_final_state):
+            _check_call(r, k, v, w, u, initial_state, cu_seqlens)
+            return wkv6_fla_packed_op(r, k, v, w, u, cu_seqlens, ops), None
         if kernel is not None and r.is_cuda and backend in ("auto", "fla"):
             _check_call(r, k, v, w, u, initial_state, cu_seqlens)
             return wkv6_fla(r, k, v, w, u, initial_state, output_final_state, cu_seqlens, kernel=kernel)

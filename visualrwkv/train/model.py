@@ -150,7 +150,7 @@ def add_input_dropout(model, p: float) -> Optional[torch.utils.hooks.RemovableHa
 
 
 def compile_for_training(model, act_budget: float = 1.0, compile_vit: bool = True,
-                         fused_norm_gate: bool = True) -> None:
+                         fused_norm_gate: bool = True, wkv_custom_op: bool = False) -> None:
     """torch.compile the RWKV blocks for GPU training (``--compile 1``).
 
     act_budget < 1 (``--act_budget``): the partitioner of every compiled graph keeps at most that
@@ -172,13 +172,16 @@ def compile_for_training(model, act_budget: float = 1.0, compile_vit: bool = Tru
     fused_norm_gate: ln_x and the gate product as fused Triton kernels (``ops.norm_gate``, custom ops
     inside the compiled graphs) instead of inductor's GroupNorm: on an H100, 1.6B stage 2, their kernel
     time is 5.0 ms per step where inductor's group_norm kernels take 22.8 ms
-    (``bench_train_gpu.py --fused_norm_gate 0/1 --profile``)."""
+    (``bench_train_gpu.py --fused_norm_gate 0/1 --profile``).
+
+    wkv_custom_op: fla's WKV kernels as custom ops inside the compiled graphs (no graph break per
+    layer); off until measured (``bench_train_gpu.py --wkv_op 0/1``)."""
     import torch._dynamo
     from torch._functorch import config as functorch_config
 
     torch._dynamo.config.optimize_ddp = False
     functorch_config.activation_memory_budget = float(act_budget)
-    model.rwkv.compile_blocks(fused_norm_gate=fused_norm_gate)
+    model.rwkv.compile_blocks(fused_norm_gate=fused_norm_gate, wkv_custom_op=wkv_custom_op)
     if compile_vit:
         compile_frozen_tower(model)
 
