@@ -161,6 +161,6 @@ def _chunk_indices_memo():
         return None
     cells = dict(zip(fn.__code__.co_freevars, fn.__closure__))
     cache = cells["cached"].cell_contents if "cached" in cells else None
-    if not isinstance(cache, deque) or (cache.maxlen or 0) < 2:
+    if not isinstance(cache, deque) or (cache.maxlen is not None and cache.maxlen < 2):
         return None
     return cache

@@ -14,8 +14,8 @@ an explicit argument:
   the gradient reaching the norm is the rounded product dout * g, as autograd computes it.
 
 Why: inside the compiled stage-2 step (1.6B shape, 11.8k tokens, H100) inductor's lowering of
-``native_group_norm`` with the product spends 22.8 ms of kernel time per step; these kernels 5.0 ms
-(``benchmarks/results/2026-11-27-h100-f``). ``train --compile 1`` uses them on CUDA
+``native_group_norm`` with the product spends 22.8 ms of kernel time per step; these kernels 3.7 ms
+(``benchmarks/results/2026-11-27-h100-f``, r15 and r16). ``train --compile 1`` uses them on CUDA
 (``--fused_norm_gate 0`` for inductor's); everywhere else the reference runs.
 """
 from __future__ import annotations

@@ -224,7 +224,6 @@ def prepare_packed(cu_seqlens: torch.Tensor, seq_lens, backend: str = "auto") ->
     (``fla_varlen.prime_chunk_indices``); the PyTorch backends need nothing."""
     if seq_lens is None or not cu_seqlens.is_cuda or resolve_backend(backend, cu_seqlens.device) != "fla":
         return
-    _fla_chunk_rwkv6()
     from visualrwkv.ops import fla_varlen
 
     fla_varlen.prime_chunk_indices(cu_seqlens, seq_lens)
@@ -252,7 +251,6 @@ _FLA_FWD_PARAMS = ("q", "k", "v", "g", "u", "scale", "initial_state", "output_fi
                    "chunk_size", "chunk_indices")
 _FLA_BWD_PARAMS = ("q", "k", "v", "g", "u", "scale", "initial_state", "A", "do", "dht", "cu_seqlens",
                    "chunk_size", "chunk_indices")
-_FLA_CHUNK = 64  # chunk_rwkv6's chunk size
 
 
 @functools.lru_cache(maxsize=1)
@@ -274,6 +272,8 @@ def _fla_packed_ops():
     from fla.ops.rwkv6 import chunk as fla_chunk
     from fla.ops.utils import prepare_chunk_indices
 
+    from visualrwkv.ops.fla_varlen import FLA_RWKV6_CHUNK as chunk_size
+
     if (tuple(inspect.signature(fla_chunk.chunk_rwkv6_fwd).parameters) != _FLA_FWD_PARAMS
             or tuple(inspect.signature(fla_chunk.chunk_rwkv6_bwd).parameters) != _FLA_BWD_PARAMS):
         return None
@@ -289,15 +289,15 @@ def _fla_packed_ops():
             # chunk_indices: fla's memo, filled from host numbers by prepare_packed (else fla builds it).
             A, _, _, o = fla_chunk.chunk_rwkv6_fwd(
                 q=r, k=k, v=v, g=g, u=u, scale=1.0, initial_state=None, output_final_state=False,
-                cu_seqlens=cu_seqlens, chunk_size=_FLA_CHUNK,
-                chunk_indices=prepare_chunk_indices(cu_seqlens, _FLA_CHUNK))
+                cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                chunk_indices=prepare_chunk_indices(cu_seqlens, chunk_size))
         return o, A
 
     @fwd.register_fake
     def _(r, k, v, g, u, cu_seqlens):
         # o: like v; A: (B, T, H, chunk) float32, the intra-chunk attention fla keeps for backward.
         return (torch.empty_like(v, memory_format=torch.contiguous_format),
-                r.new_empty(*r.shape[:3], _FLA_CHUNK, dtype=torch.float32))
+                r.new_empty(*r.shape[:3], chunk_size, dtype=torch.float32))
 
     @torch.library.custom_op("visualrwkv::wkv6_fla_packed_bwd", mutates_args=())
     def bwd(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
@@ -307,8 +307,8 @@ def _fla_packed_ops():
         with on_device(r):
             dq, dk, dv, dg, du, _ = fla_chunk.chunk_rwkv6_bwd(
                 q=r, k=k, v=v, g=g, u=u, scale=1.0, initial_state=None, A=A, do=do, dht=None,
-                cu_seqlens=cu_seqlens, chunk_size=_FLA_CHUNK,
-                chunk_indices=prepare_chunk_indices(cu_seqlens, _FLA_CHUNK))
+                cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                chunk_indices=prepare_chunk_indices(cu_seqlens, chunk_size))
         return dq.to(r.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), du.to(u.dtype)
 
     @bwd.register_fake

@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "recompute)")
     g.add_argument("--fused_norm_gate", type=int, default=d.fused_norm_gate, choices=[0, 1],
                    help="with --compile 1: ln_x (GroupNorm per head) and the output gate as fused Triton kernels "
-                        "(same roundings; ~18 ms less kernel time per 1.6B stage-2 step on an H100); "
+                        "(same roundings; ~19 ms less kernel time per 1.6B stage-2 step on an H100); "
                         "0: inductor's GroupNorm")
     g.add_argument("--random_seed", type=int, default=d.random_seed, help="-1 = no global seed (as the original)")
     g.add_argument("--freeze_rwkv", type=int, default=d.freeze_rwkv,
