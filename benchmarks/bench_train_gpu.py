@@ -30,6 +30,7 @@ samples/s, tokens/s (real tokens with the image tokens, padding not counted) and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -88,6 +89,13 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="with --act_budget: how the partitioner prices recomputation (torch._functorch "
                         "activation_memory_budget_runtime_estimator): flop counts (elementwise ops look free) "
                         "or timing each op on the GPU")
+    p.add_argument("--skip_guards", type=int, choices=[0, 1], default=0,
+                   help="with --compile 1, plain loop: the timed steps under torch.compiler.set_stance("
+                        "skip_guard_eval_unsafe=True) (1; only the guards that tell compiled graphs apart are "
+                        "checked) to measure what dynamo's guard checks cost per step; 0: as training runs")
+    p.add_argument("--alloc", default="",
+                   help="CUDA caching-allocator settings for this run, e.g. expandable_segments:True "
+                        "(torch.cuda.memory._set_allocator_settings, before the first allocation)")
     p.add_argument("--inductor", default="",
                    help="with --compile 1: comma-separated torch._inductor.config settings, e.g. "
                         "coordinate_descent_tuning=1,max_autotune=1 (ints, floats and words as given)")
@@ -262,19 +270,34 @@ def time_raw(model, params, batches, a, device) -> float:
         sync(device)
         print(f"  warm-up step {i + 1}: {time.perf_counter() - t:.1f} s (kernel compilation, autotuning)", file=sys.stderr,
               flush=True)
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        step()
-    sync(device)
-    dt = (time.perf_counter() - t0) / a.steps
+    def stance():
+        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if a.skip_guards \
+            else contextlib.nullcontext()
+
+    before = torch.cuda.memory_stats(device) if device.type == "cuda" else {}
+    with stance():
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            step()
+        sync(device)
+        dt = (time.perf_counter() - t0) / a.steps
+    if device.type == "cuda":
+        # cudaMalloc / cudaFree calls by the caching allocator in the timed steps: a cudaFree (after a
+        # failed allocation, "retries") waits for the whole GPU, so each one leaves it idle.
+        after = torch.cuda.memory_stats(device)
+        moved = {k: after.get(k, 0) - before.get(k, 0) for k in ("num_device_alloc", "num_device_free",
+                                                                     "num_alloc_retries")}
+        print(f"  allocator in {a.steps} timed steps: {moved['num_device_alloc']} cudaMalloc, "
+              f"{moved['num_device_free']} cudaFree, {moved['num_alloc_retries']} retries", file=sys.stderr,
+              flush=True)
     if a.profile and device.type == "cuda":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from gpu_profile import count_syncs, profile_table
 
-        print(count_syncs(step), flush=True)
-
-        print(profile_table(step, label=f"one training step ({a.precision}, grad_cp {a.grad_cp}, compile {a.compile})",
-                            top=a.profile_top), flush=True)
+        with stance():
+            print(count_syncs(step), flush=True)
+            print(profile_table(step, label=f"one training step ({a.precision}, grad_cp {a.grad_cp}, "
+                                            f"compile {a.compile})", top=a.profile_top), flush=True)
     del opt
     return dt
 
@@ -326,6 +349,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = parse(argv)
     import logging
 
+    if a.alloc and torch.cuda.is_available():
+        torch.cuda.memory._set_allocator_settings(a.alloc)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-row Trainer banners
     if not a.tiny and not torch.cuda.is_available():
         print("bench_train_gpu.py: no CUDA GPU found; nothing to measure here "

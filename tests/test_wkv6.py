@@ -312,7 +312,8 @@ def test_fla_packed_custom_ops_equal_flas_function_on_gpu():
 
     if not fla_available():
         pytest.skip("flash-linear-attention is not installed")
-    assert _fla_packed_ops() is not None
+    ops = _fla_packed_ops()
+    assert ops is not None
     torch.manual_seed(0)
     dev, H, N = "cuda", 32, 64
     lens = [577, 130, 1, 640]
@@ -322,9 +323,12 @@ def test_fla_packed_custom_ops_equal_flas_function_on_gpu():
     base = [torch.randn(1, T, H, N, device=dev, dtype=torch.bfloat16) for _ in range(3)]
     base.append(torch.randn(1, T, H, N, device=dev, dtype=torch.bfloat16) - 1.0)
     base.append(torch.randn(H, N, device=dev))
-    compiled = torch.compile(lambda *a: wkv6_fla_packed_op(*a) * 1, fullgraph=True, dynamic=True)
+    # The ops are built outside the traced function, as compilable_wkv6 does (their registration is
+    # not traceable).
+    compiled = torch.compile(lambda *a: wkv6_fla_packed_op(*a, ops=ops) * 1, fullgraph=True, dynamic=True)
     results = []
-    for f in (lambda *a: wkv6(*a[:5], backend="fla", cu_seqlens=a[5])[0], wkv6_fla_packed_op, compiled):
+    for f in (lambda *a: wkv6(*a[:5], backend="fla", cu_seqlens=a[5])[0],
+              lambda *a: wkv6_fla_packed_op(*a, ops=ops), compiled):
         xs = [x.clone().requires_grad_() for x in base]
         y = f(*xs, cu)
         y.float().pow(2).sum().backward()

@@ -173,17 +173,20 @@ class RWKV6(nn.Module):
         wkv_custom_op: packed training calls of fla's WKV kernels as custom ops inside the block's graph
         instead of a graph break around them (``ops.wkv6.compilable_wkv6``); off until measured."""
         from visualrwkv.ops.norm_gate import fused_norm_gate_fn, norm_gate
+        from visualrwkv.ops.partition import KeepOutputs
         from visualrwkv.ops.wkv6 import compilable_wkv6
 
         wkv_fn = compilable_wkv6(custom_op=wkv_custom_op)
         gate_fn = fused_norm_gate_fn() if fused_norm_gate else norm_gate
+        # The custom kernels' forward outputs are kept, never recomputed (ops/partition.py).
+        options = {"joint_custom_pre_pass": KeepOutputs()}
         # Block.body is the same code for every layer (ln0 of layer 0 stays outside it) and reads no
         # per-layer Python constant, so dynamo builds one graph per input shape class and reuses it
         # for all layers (parameters are graph inputs), instead of one compile per layer.
         for blk in self.blocks:
             blk.att.wkv_fn = wkv_fn
             blk.att.norm_gate_fn = gate_fn
-            blk.body = torch.compile(blk.body, dynamic=dynamic)
+            blk.body = torch.compile(blk.body, dynamic=dynamic, options=options)
         return self
 
     # ------------------------------------------------------------------------------------------
