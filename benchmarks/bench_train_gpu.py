@@ -82,9 +82,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--fused_norm_gate", type=int, choices=[0, 1], default=1,
                    help="with --compile 1: ln_x and the gate product as fused Triton kernels (ops/norm_gate.py; "
                         "the default of train --compile 1); 0: inductor's GroupNorm (the baseline)")
-    p.add_argument("--wkv_op", type=int, choices=[0, 1], default=0,
-                   help="with --compile 1: packed WKV calls as custom ops inside the compiled graphs (1) or "
-                        "behind a graph break (0, the default of train --compile 1)")
+    p.add_argument("--wkv_op", type=int, choices=[0, 1], default=1,
+                   help="with --compile 1: packed WKV calls as custom ops inside the compiled graphs (1, the "
+                        "default of train --compile 1) or behind a graph break (0, the baseline)")
     p.add_argument("--act_estimator", choices=["flops", "profile"], default="flops",
                    help="with --act_budget: how the partitioner prices recomputation (torch._functorch "
                         "activation_memory_budget_runtime_estimator): flop counts (elementwise ops look free) "

@@ -171,7 +171,8 @@ class RWKV6(nn.Module):
         ``ops.norm_gate`` (CUDA tensors only; custom ops that stay inside the block's graph as opaque
         nodes) instead of inductor's lowering of GroupNorm.
         wkv_custom_op: packed training calls of fla's WKV kernels as custom ops inside the block's graph
-        instead of a graph break around them (``ops.wkv6.compilable_wkv6``); off until measured."""
+        instead of a graph break around them (``ops.wkv6.compilable_wkv6``); training's default
+        (``compile_for_training``)."""
         from visualrwkv.ops.norm_gate import fused_norm_gate_fn, norm_gate
         from visualrwkv.ops.partition import KeepOutputs
         from visualrwkv.ops.wkv6 import compilable_wkv6

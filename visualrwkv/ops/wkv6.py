@@ -350,7 +350,7 @@ def compilable_wkv6(custom_op: bool = False):
     have data-dependent loops). fla is looked up once, here, not inside the traced code.
 
     custom_op: packed calls without state (training) go through ``_fla_packed_ops`` (custom ops inside
-    the graph, no graph break); other calls as above. Off until measured on a GPU."""
+    the graph, no graph break); other calls as above. The default of training's ``--compile 1`` (``--wkv_op 1``)."""
     opaque = torch.compiler.disable(wkv6)
     kernel = ops = None
     if fla_available():
