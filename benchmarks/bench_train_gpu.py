@@ -74,7 +74,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="with --compile 1: also compile the frozen vision tower (1, as 'visualrwkv train --compile 1'); "
                         "0: eager tower (the baseline)")
     p.add_argument("--profile", action="store_true",
-                   help="after timing, profile one step (plain loop): kernel time by category (gpu_profile.py)")
+                   help="after timing, profile one step: kernel time by category (gpu_profile.py); with "
+                        "--lightning one more step through the Trainer (rank 0 under DDP: the all-reduce's "
+                        "kernel time and how much of it no compute overlaps)")
     p.add_argument("--profile_top", type=int, default=12, help="kernels listed by --profile")
     p.add_argument("--act_budget", type=float, default=None,
                    help="with --compile 1: torch._functorch activation_memory_budget (0..1); below 1 the compiled "
@@ -105,6 +107,8 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "visualrwkv.ops.fla_varlen)")
     p.add_argument("--devices", type=int, default=1,
                    help="GPUs (with --lightning): > 1 runs DDP, one process per GPU, each with --micro_bsz")
+    p.add_argument("--ddp_grad_dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="with --devices > 1: gradient all-reduce dtype (train --ddp_grad_dtype; fp32 = the baseline)")
     p.add_argument("--lightning", action="store_true",
                    help="run the steps through lightning's Trainer with the module of 'visualrwkv train'")
     p.add_argument("--n_layer", type=int, default=24)
@@ -311,23 +315,46 @@ def time_lightning(model, batches, a, device) -> float:
     from visualrwkv.train.module import VisualRWKVTrainModule
 
     cpu = [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
-    n = a.warmup + a.steps
+    profiled = a.profile and device.type == "cuda"
+    n = a.warmup + a.steps + int(profiled)  # the profiled step comes after the timed ones
     # The batches in turn (batch_size=None: no collation); Lightning moves each to the GPU, as in training.
     loader = torch.utils.data.DataLoader([cpu[i % len(cpu)] for i in range(n)], batch_size=None,
                                          pin_memory=device.type == "cuda")
-    cfg = TrainConfig(data_file="-", lr_init=1e-5, weight_decay=0.0, pack=a.pack)
+    cfg = TrainConfig(data_file="-", lr_init=1e-5, weight_decay=0.0, pack=a.pack, ddp_grad_dtype=a.ddp_grad_dtype,
+                      strategy="ddp" if a.devices > 1 else "auto")
     trainable = [n_ for n_, p in model.named_parameters() if p.requires_grad]
     module = VisualRWKVTrainModule(model, cfg, trainable)
 
     class Timer(pl.Callback):
+        prof = None
+
         def on_train_batch_start(self, trainer, pl_module, b, batch_idx):
             if batch_idx == a.warmup:
                 sync(device)
                 self.t0 = time.perf_counter()
+            if batch_idx == a.warmup + a.steps:  # with --profile: one more step, profiled
+                from torch.profiler import ProfilerActivity, profile
 
-        def on_train_end(self, trainer, pl_module):
-            sync(device)
-            self.dt = (time.perf_counter() - self.t0) / a.steps
+                sync(device)
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.tp = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx):
+            # after the optimizer step (automatic optimization)
+            if batch_idx == a.warmup + a.steps - 1:
+                sync(device)
+                self.dt = (time.perf_counter() - self.t0) / a.steps
+            if self.prof is not None and batch_idx == a.warmup + a.steps:
+                sync(device)
+                wall = time.perf_counter() - self.tp
+                self.prof.__exit__(None, None, None)
+                if trainer.global_rank == 0:
+                    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+                    from gpu_profile import table_from_profile
+
+                    print(table_from_profile(self.prof, wall, label=f"one Lightning step on rank 0 of {a.devices}",
+                                             top=a.profile_top), flush=True)
 
     timer = Timer()
     precision = "32-true" if device.type != "cuda" else a.precision
@@ -335,7 +362,7 @@ def time_lightning(model, batches, a, device) -> float:
     # With DDP every rank steps through the same n batches (no distributed sampler: the list is a
     # stand-in for a per-rank data stream), so each rank does a full micro-batch per step. The DDP
     # strategy is the one 'visualrwkv train --strategy ddp' builds (gradients in the buckets).
-    strategy = make_strategy(TrainConfig(data_file="-", strategy="ddp")) if multi else "auto"
+    strategy = make_strategy(cfg) if multi else "auto"
     trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=a.devices,
                          strategy=strategy, use_distributed_sampler=False, precision=precision,
                          max_steps=n, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,

@@ -14,6 +14,7 @@ import torch
 
 # First matching pattern (lower-case substring of the kernel name) names the category.
 CATEGORIES = [
+    ("communication (NCCL)", ("nccl",)),
     ("matmul (cuBLAS/CUTLASS)", ("gemm", "cutlass", "nvjet", "sm90_xmma", "sm80_xmma", "gemv", "splitk")),
     ("attention (ViT sdpa)", ("flash", "fmha", "attention")),
     ("ln_x + gate (fused Triton, ops/norm_gate.py)", ("norm_gate_",)),
@@ -50,6 +51,11 @@ def profile_table(fn: Callable[[], object], label: str = "", repeat: int = 1, to
             fn()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / repeat
+    return table_from_profile(prof, wall, label, repeat, top)
+
+
+def table_from_profile(prof, wall: float, label: str = "", repeat: int = 1, top: int = 12) -> str:
+    """The breakdown of a finished torch.profiler run covering ``repeat`` steps of ``wall`` seconds each."""
     by_name = defaultdict(lambda: [0.0, 0])
     spans = []  # (start_us, end_us, name) of every kernel, for the idle-gap table
     for ev in prof.events():
@@ -73,7 +79,30 @@ def profile_table(fn: Callable[[], object], label: str = "", repeat: int = 1, to
     lines += ["", f"top {top} kernels", "| kernel | calls | ms |", "|---|---:|---:|"]
     for name, (ms, calls) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
         lines.append(f"| {name[:90]} | {calls // repeat} | {ms:.2f} |")
+    comm = communication_overlap(spans)
+    if comm[0] > 0:
+        lines += ["", f"communication kernels {comm[0] / 1e3 / repeat:.2f} ms per call, of which "
+                      f"{comm[1] / 1e3 / repeat:.2f} ms with no other kernel running (exposed)"]
     return "\n".join(lines + [""] + idle_gaps(spans, repeat, top))
+
+
+def communication_overlap(spans):
+    """(total, exposed) microseconds of NCCL kernels: exposed = time a communication kernel runs
+    while no compute kernel does (compute waits on it or has nothing left to overlap it with).
+    spans: (start_us, end_us, name) of every kernel, any streams."""
+    comm = [(s, e) for s, e, n in spans if _category(n).startswith("communication")]
+    busy = []  # union of the compute kernels' intervals, sorted and disjoint
+    for s, e in sorted((s, e) for s, e, n in spans if not _category(n).startswith("communication")):
+        if busy and s <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], e)
+        else:
+            busy.append([s, e])
+    total = exposed = 0.0
+    for s, e in comm:
+        total += e - s
+        covered = sum(max(0.0, min(e, be) - max(s, bs)) for bs, be in busy if bs < e and be > s)
+        exposed += (e - s) - covered
+    return total, exposed
 
 
 def idle_gaps(spans, repeat: int = 1, top: int = 12, min_us: float = 20.0):

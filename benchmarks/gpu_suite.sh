@@ -37,6 +37,8 @@ if [ "$WHAT" = train ] || [ "$WHAT" = all ]; then
   # GroupNorm (baseline of the fused Triton kernels, the default; their kernel-level A/B is bench_groupnorm.py)
   run train_stage2_compiled_b05_eager_vit 240 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 0 --steps 3 --warmup 2 --compile 1 --act_budget 0.5 --compile_vit 0
   run train_stage2_compiled_b05_inductor_groupnorm 240 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 0 --steps 3 --warmup 2 --compile 1 --act_budget 0.5 --fused_norm_gate 0
+  # baseline of --wkv_op 1 (the default): a graph break around fla's WKV kernels in every layer
+  run train_stage2_compiled_b05_wkv_graph_break 240 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 0 --steps 3 --warmup 2 --compile 1 --act_budget 0.5 --wkv_op 0
   run groupnorm 120 python3 benchmarks/bench_groupnorm.py --tokens 4096,11800
   # the text lengths of the original's sample records, 8 distinct batches
   run train_stage2_compiled_b05_reallen 240 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 0 --steps 8 --warmup 3 --compile 1 --act_budget 0.5 --batches 8 --lengths_from benchmarks/data/llava_sample_lengths.json

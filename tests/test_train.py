@@ -270,19 +270,30 @@ def _cli(argv, **kw):
 
 def test_ddp_two_processes_equal_one_with_double_batch(env, tmp_path):
     common = ["--freeze_rwkv", 1, "--epoch_steps", 3, "--epoch_count", 1, "--warmup_steps", 0]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    one, two, two_bf16 = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "two_bf16")
     _run(_args(env, one, "--load_model", f"{env}/rwkv.pth", *common, "--micro_bsz", 4, stage1=False))
-    argv = _args(env, two, "--load_model", f"{env}/rwkv.pth", *common, "--micro_bsz", 2, stage1=False)
-    argv[argv.index("--devices") + 1] = "2"
-    r = _cli(argv + ["--strategy", "ddp"], timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a, b = _step_losses(one), _step_losses(two)
-    assert len(a) == len(b) == 3
+    for proj, dtype in ((two, "fp32"), (two_bf16, "bf16")):
+        argv = _args(env, proj, "--load_model", f"{env}/rwkv.pth", *common, "--micro_bsz", 2, stage1=False)
+        argv[argv.index("--devices") + 1] = "2"
+        r = _cli(argv + ["--strategy", "ddp", "--ddp_grad_dtype", dtype], timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b, c = _step_losses(one), _step_losses(two), _step_losses(two_bf16)
+    assert len(a) == len(b) == len(c) == 3
     np.testing.assert_allclose(b, a, rtol=1e-5)
     x, y = load_state_dict_file(f"{one}/rwkv-0.pth"), load_state_dict_file(f"{two}/rwkv-0.pth")
     for n in x:
         torch.testing.assert_close(y[n], x[n], rtol=1e-4, atol=1e-5)
     assert float(_epoch_lines(two)[0][1]) == pytest.approx(float(_epoch_lines(one)[0][1]), rel=1e-5)
+    # bf16 all-reduce: the same first loss (before any update), later ones and the weights within bf16
+    # rounding of the gradients, and measurably not the fp32 reduction (the hook really ran).
+    # (The hook's arithmetic itself: test_train_optim.py.)
+    z = load_state_dict_file(f"{two_bf16}/rwkv-0.pth")
+    assert c[0] == pytest.approx(a[0], rel=1e-5)
+    np.testing.assert_allclose(c, a, rtol=1e-3)
+    fp32_dev = max(float((y[n] - x[n]).abs().max()) for n in x)
+    bf16_dev = max(float((z[n] - x[n]).abs().max()) for n in x)
+    # AdamW moves a weight by about lr per step whatever the gradient's rounding: 3 steps at lr <= 2e-3
+    assert max(100 * fp32_dev, 1e-6) < bf16_dev < 3 * 2 * 2e-3 * 2
 
 
 # ---------------------------------------------------------------------------------------------- mistakes
@@ -300,6 +311,7 @@ def test_user_mistakes_one_line_exit_2(env, tmp_path, capsys):
         (_args(env, proj) + ["--bogus_flag", "1"], "--bogus_flag"),
         (_args(env, proj) + ["--model_path", f"{env}/rwkv.pth"], "--model_path"),  # both sources
         (_args(env, proj) + ["--weight_decay_final", "0.1"], "--weight_decay_final"),
+        (_args(env, proj) + ["--ddp_grad_dtype", "bf16"], "--ddp_grad_dtype"),  # without --strategy ddp
     ]
     missing = _args(env, proj)
     missing[missing.index("--data_file") + 1] = f"{env}/nope.json"

@@ -56,3 +56,20 @@ def test_bench_bad_lengths_file_is_one_line(tmp_path):
     for path in (str(tmp_path / "missing.json"), str(bad)):
         r = _run("--tiny", "--lengths_from", path)
         assert r.returncode == 2 and "--lengths_from" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_profile_tables_idle_and_exposed_communication():
+    # gpu_profile's interval arithmetic on made-up kernel spans (us): two compute kernels 0-100 and
+    # 150-300, one all-reduce 80-200 on its own stream (overlapped except 100-150) and one 320-400
+    # after all compute (exposed). Idle: 300-320 is a gap before the second all-reduce.
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from gpu_profile import _category, communication_overlap, idle_gaps
+
+    spans = [(0, 100, "nvjet_sm90_gemm"), (150, 300, "triton_poi_fused_add"),
+             (80, 200, "ncclDevKernel_AllReduce_Sum_f32_RING_LL"), (320, 400, "ncclDevKernel_AllReduce_Sum_bf16")]
+    assert _category(spans[2][2]) == "communication (NCCL)"
+    total, exposed = communication_overlap(spans)
+    assert (total, exposed) == (200.0, 50.0 + 80.0)
+    lines = idle_gaps(spans, min_us=10)
+    assert lines[0].startswith("GPU idle between kernels: 0.0 ms per call in 1 gaps")
+    assert "| communication (NCCL) | 0.02 |" in lines

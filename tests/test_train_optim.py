@@ -79,3 +79,55 @@ def test_mixing_runs_in_autocast_dtype():
         model(ids)
     assert residual == [torch.float32] * 2
     assert rel(out.float(), ref) < 5e-2
+
+
+def _ddp_grads(rank: int, out: str, hook: bool) -> None:
+    # One process of a 2-process gloo group: DDP over a small model, each rank with its own data.
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from visualrwkv.train.optim import bf16_allreduce_hook
+
+    # a rendezvous file per group (no TCP port to collide with another run)
+    dist.init_process_group("gloo", init_method=f"file://{out}.store{int(hook)}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3))
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(10 + rank))
+        model(x).pow(2).sum().backward()  # this rank's own gradients, before any all-reduce
+        torch.save([p.grad.clone() for p in model.parameters()], f"{out}.local.{rank}")
+        model.zero_grad(set_to_none=True)
+        ddp = DistributedDataParallel(model, bucket_cap_mb=0.001, gradient_as_bucket_view=True)  # several buckets
+        if hook:
+            ddp.register_comm_hook(state=None, hook=bf16_allreduce_hook)
+        ddp(x).pow(2).sum().backward()
+        torch.save([p.grad.clone() for p in model.parameters()], f"{out}.{int(hook)}.{rank}")
+        dist.barrier()  # both ranks done before either tears gloo down
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, *args):
+    import torch.multiprocessing as mp
+
+    mp.spawn(fn, args=args, nprocs=2)
+
+
+def test_bf16_allreduce_hook_averages_gradients_within_bf16_rounding(tmp_path):
+    out = str(tmp_path / "g")
+    for hook in (False, True):
+        _spawn(_ddp_grads, out, hook)
+    exact = torch.load(f"{out}.0.0")  # DDP's own fp32 average
+    local = [torch.load(f"{out}.local.{rank}") for rank in (0, 1)]
+    for g0, g1, e in zip(*local, exact):
+        torch.testing.assert_close((g0 + g1) / 2, e)  # the reference is the average of the ranks' gradients
+    for rank in (0, 1):
+        got = torch.load(f"{out}.1.{rank}")
+        assert [g.shape for g in got] == [g.shape for g in exact]
+        for g, e, g0, g1 in zip(got, exact, *local):
+            # each half rounded to bf16 once (unit roundoff 2^-8), their sum once more
+            bound = 2 ** -8 * ((g0.abs() + g1.abs()) / 2 + e.abs()) * 1.01 + 1e-12
+            assert ((g - e).abs() <= bound).all()
+            assert torch.equal(g, g.to(torch.bfloat16).float())  # the wire format really was bf16
+    assert any(not torch.equal(g, e) for g, e in zip(torch.load(f"{out}.1.0"), exact))
+    assert all(torch.equal(a, b) for a, b in zip(torch.load(f"{out}.1.0"), torch.load(f"{out}.1.1")))

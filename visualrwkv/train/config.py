@@ -155,6 +155,7 @@ class TrainConfig:
     precision: Optional[str] = None  # None = bf16 on a CUDA GPU with bf16, else fp32
     strategy: str = "auto"
     ds_bucket_mb: int = 200
+    ddp_grad_dtype: str = "fp32"  # with --strategy ddp: dtype of the gradient all-reduce (bf16 halves its bytes)
     # ---- logging / state
     wandb: str = ""
     run_name: str = ""
@@ -312,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strategy", default=d.strategy,
                    help="auto, ddp, fsdp, deepspeed_stage_1/2/3 (DeepSpeed must be installed), ...")
     g.add_argument("--ds_bucket_mb", type=int, default=d.ds_bucket_mb, help="DeepSpeed bucket size in MB")
+    g.add_argument("--ddp_grad_dtype", default=d.ddp_grad_dtype, choices=["fp32", "bf16"],
+                   help="with --strategy ddp: all-reduce the gradients in fp32 (exact average) or bf16 (half the "
+                        "bytes between GPUs; each bucket rounded to bf16 once, as DeepSpeed's bf16 training "
+                        "reduces them; the optimizer still updates fp32 weights)")
 
     g = p.add_argument_group("logging and state")
     g.add_argument("--wandb", default=d.wandb, help="Weights & Biases project ('' = off)")
@@ -387,6 +392,9 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.log_every_n_steps >= 1, f"--log_every_n_steps must be at least 1; got {cfg.log_every_n_steps}")
     need(cfg.save_state_every_steps >= 0, "--save_state_every_steps must be >= 0")
     need(cfg.ds_bucket_mb >= 1, "--ds_bucket_mb must be positive")
+    need(cfg.ddp_grad_dtype == "fp32" or cfg.strategy == "ddp",
+         f"--ddp_grad_dtype {cfg.ddp_grad_dtype} applies to --strategy ddp (got --strategy {cfg.strategy}; "
+         "DeepSpeed and FSDP reduce in their own precision)")
     need(cfg.num_workers >= -1, f"--num_workers must be -1 (auto) or >= 0; got {cfg.num_workers}")
     if cfg.accelerator == "cpu":
         need(cfg.precision not in ("fp16", "16", "16-mixed", "16-true"),

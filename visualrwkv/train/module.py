@@ -21,7 +21,7 @@ import torch
 
 from visualrwkv.constants import IGNORE_INDEX
 from visualrwkv.errors import UserError
-from visualrwkv.train.optim import clip_grad_norm_in_step_
+from visualrwkv.train.optim import bf16_allreduce_hook, clip_grad_norm_in_step_
 from visualrwkv.train.schedule import param_groups
 
 STATE_KEY = "visualrwkv"  # our entry in the Lightning checkpoint
@@ -139,6 +139,17 @@ class VisualRWKVTrainModule(pl.LightningModule):
         return loss
 
     # ------------------------------------------------------------------------------ optimizer
+    def on_train_start(self) -> None:
+        # --ddp_grad_dtype bf16 (optim.bf16_allreduce_hook). Registered here, on the DDP wrapper
+        # Lightning has built by now, rather than through DDPStrategy(ddp_comm_hook=...), which
+        # Lightning applies on CUDA only: this way the CPU test runs the same code.
+        if getattr(self.cfg, "ddp_grad_dtype", "fp32") == "bf16":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ddp = self.trainer.strategy.model
+            if isinstance(ddp, DistributedDataParallel):
+                ddp.register_comm_hook(state=None, hook=bf16_allreduce_hook)
+
     def configure_optimizers(self):
         cfg = self.cfg
         groups, _ = param_groups(self.model.named_parameters(), cfg.weight_decay)
