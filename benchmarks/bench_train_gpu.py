@@ -91,6 +91,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="with --act_budget: how the partitioner prices recomputation (torch._functorch "
                         "activation_memory_budget_runtime_estimator): flop counts (elementwise ops look free) "
                         "or timing each op on the GPU")
+    p.add_argument("--host_numbers", type=int, choices=[0, 1], default=1,
+                   help="plain loop: the splicing's numbers computed from the CPU batch beforehand (1, as "
+                        "'visualrwkv train' does) or read back from the GPU in every step (0: the baseline)")
     p.add_argument("--skip_guards", type=int, choices=[0, 1], default=0,
                    help="with --compile 1, plain loop: the timed steps under torch.compiler.set_stance("
                         "skip_guard_eval_unsafe=True) (1; only the guards that tell compiled graphs apart are "
@@ -259,7 +262,8 @@ def time_raw(model, params, batches, a, device) -> float:
         turn[0] += 1
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             out = model(input_ids=batch["input_ids"], labels=batch["labels"], pixel_values=batch["pixel_values"],
-                        lengths=batch["lengths"], backend=a.backend, pack=bool(a.pack))
+                        lengths=batch["lengths"], backend=a.backend, pack=bool(a.pack),
+                        splice_numbers=batch["splice_numbers"] if a.host_numbers else None)
         out.loss.backward()
         if kw:
             clip_grad_norm_in_step_(opt, params, 1.0)
@@ -448,6 +452,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             for T in a.text_len:
                 batches = [make_batch(B, T, vcfg.image_size, model.rwkv.cfg.vocab_size, device, gen, a.ragged,
                                       a.text_min, pool) for _ in range(max(1, a.batches))]
+                for b in batches:  # as the Lightning module does, from the CPU batch (untimed here)
+                    b["splice_numbers"] = model.splice_numbers(b["input_ids"].cpu(), b["lengths"].cpu(), None,
+                                                               b["labels"].cpu())
                 # longest row (the placeholder replaced by the image tokens); real tokens per step (no
                 # padding), averaged over the timed steps' batches
                 seq = max(int(b["lengths"].max()) for b in batches) - 1 + model.n_image_tokens

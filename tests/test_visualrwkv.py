@@ -215,11 +215,15 @@ def test_packed_training_forward_equals_padded(tower):
     lengths = torch.tensor([len(r) for r in rows])
     px = _pixels(2, seed=9)
     grads = {}
-    for pack in (False, True):
+    # "host": packed, with the splicing's numbers computed beforehand (as the Lightning module does)
+    for pack in (False, True, "host"):
         model.zero_grad()
-        out = model(ids, labels=lab, pixel_values=px, lengths=lengths, pack=pack)
+        numbers = model.splice_numbers(ids, lengths, None, lab) if pack == "host" else None
+        out = model(ids, labels=lab, pixel_values=px, lengths=lengths, pack=bool(pack), splice_numbers=numbers)
         out.loss.backward()
         grads[pack] = (out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert torch.equal(grads["host"][0], grads[True][0])
+    assert all(torch.equal(grads["host"][1][n], g) for n, g in grads[True][1].items())
     assert torch.allclose(grads[True][0], grads[False][0], rtol=1e-5)
     assert grads[True][1].keys() == grads[False][1].keys()
     for n in grads[False][1]:
@@ -250,6 +254,12 @@ def test_supervised_count_is_known_before_splicing(tower):
         target = torch.cat([mm.labels[:, 1:], mm.labels.new_full((len(rows), 1), IGNORE_INDEX)], dim=1)
         assert mm.n_supervised == int((target != IGNORE_INDEX).sum()), trial
         assert mm.lengths_host == mm.lengths.tolist()
+        # The same numbers computed beforehand (the Lightning module's CPU batch) splice identically.
+        pre = model.build_inputs(ids, lengths, emb, labels=lab, numbers=model.splice_numbers(ids, lengths, None, lab))
+        assert (pre.n_real, pre.n_supervised, pre.lengths_host) == (mm.n_real, mm.n_supervised, mm.lengths_host)
+        assert torch.equal(pre.embeds, mm.embeds) and torch.equal(pre.labels, mm.labels)
+    with pytest.raises(ValueError, match="splice numbers for 2 rows"):
+        model.build_inputs(ids, lengths, emb, labels=lab, numbers=[0] * 8)
     assert model.build_inputs(ids, lengths, emb).n_supervised == -1
 
 

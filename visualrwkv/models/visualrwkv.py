@@ -175,13 +175,11 @@ class VisualRWKV(nn.Module):
         return self.proj(pooled.to(self.proj.weight.dtype))
 
     # ---------------------------------------------------------------------------- splicing
-    def build_inputs(self, input_ids: torch.Tensor, lengths: Optional[torch.Tensor] = None,
-                     image_embeds: Optional[torch.Tensor] = None, has_image: Optional[torch.Tensor] = None,
-                     labels: Optional[torch.Tensor] = None) -> MultimodalInputs:
-        """Splice image tokens at each row's -200 placeholder.
-
-        input_ids: (B, T) right-padded, -200 at most once per row; lengths: (B,) real lengths;
-        image_embeds: (n_img, n, C) for the rows with an image, in row order; labels: (B, T)."""
+    def _splice_layout(self, input_ids: torch.Tensor, lengths: Optional[torch.Tensor],
+                       has_image: Optional[torch.Tensor], labels: Optional[torch.Tensor]):
+        """Placeholder positions and spliced lengths, and the numbers the host needs as one (6 + B,)
+        long tensor on input_ids' device: [most placeholders in a row, has_image mismatches, rows with
+        an image, longest spliced row, total spliced tokens, supervised targets, spliced length per row]."""
         B, T = input_ids.shape
         device = input_ids.device
         if lengths is None:
@@ -193,8 +191,6 @@ class VisualRWKV(nn.Module):
         pos = torch.where(row_has, is_ph.float().argmax(1), torch.full_like(n_ph, -1))  # (B,)
         extra = torch.where(row_has, torch.full_like(n_ph, n - 1), torch.zeros_like(n_ph))
         new_len = lengths + extra
-        # Every number the host needs, in one device-to-host transfer (each read-back stalls the
-        # CPU until the GPU has drained its queue).
         zero = n_ph.new_zeros(())
         mismatch = zero if has_image is None else (row_has != has_image.bool().to(device)).sum()
         n_sup = zero
@@ -203,9 +199,37 @@ class VisualRWKV(nn.Module):
             # ignored ones), less the row's first position, which no position predicts. (B, T) bool.
             sup = (labels != IGNORE_INDEX) & ~is_ph & (torch.arange(T, device=device) < lengths.unsqueeze(1))
             n_sup = sup.sum() - (sup[:, 0].sum() if T else zero)
-        stats = torch.cat([torch.stack([v.long() for v in (n_ph.max() if B else zero, mismatch, row_has.sum(),
-                                                            new_len.max() if B else zero, new_len.sum(), n_sup)]),
-                           new_len.long()]).tolist()
+        numbers = torch.cat([torch.stack([v.long() for v in (n_ph.max() if B else zero, mismatch, row_has.sum(),
+                                                              new_len.max() if B else zero, new_len.sum(), n_sup)]),
+                             new_len.long()])
+        return n_ph, row_has, pos, new_len, numbers
+
+    def splice_numbers(self, input_ids: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+                       has_image: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None) -> List[int]:
+        """The host numbers of ``build_inputs`` for this batch, computed from the tensors given. Called
+        on the CPU batch before it moves to the GPU (the Lightning module does), they spare the step
+        its one device-to-host read-back: pass them as ``forward(..., splice_numbers=...)`` with the same
+        input_ids, lengths, labels and has_image (None where forward gets None)."""
+        return self._splice_layout(input_ids, lengths, has_image, labels)[4].tolist()
+
+    def build_inputs(self, input_ids: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+                     image_embeds: Optional[torch.Tensor] = None, has_image: Optional[torch.Tensor] = None,
+                     labels: Optional[torch.Tensor] = None, numbers: Optional[List[int]] = None) -> MultimodalInputs:
+        """Splice image tokens at each row's -200 placeholder.
+
+        input_ids: (B, T) right-padded, -200 at most once per row; lengths: (B,) real lengths;
+        image_embeds: (n_img, n, C) for the rows with an image, in row order; labels: (B, T);
+        numbers: ``splice_numbers`` of the same tensors, computed beforehand on the host (else read
+        back here: every number the host needs in one transfer, which waits for the GPU's queue)."""
+        B, T = input_ids.shape
+        device = input_ids.device
+        n = self.n_image_tokens
+        n_ph, row_has, pos, new_len, on_device = self._splice_layout(input_ids, lengths, has_image, labels)
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.long, device=device)
+        if numbers is not None and len(numbers) != 6 + B:
+            raise ValueError(f"splice numbers for {len(numbers) - 6} rows given with a batch of {B} rows")
+        stats = list(numbers) if numbers is not None else on_device.tolist()
         most_ph, n_mismatch, n_img_rows, Tn, n_real, n_supervised = (int(v) for v in stats[:6])
         if most_ph > 1:
             rows = (n_ph > 1).nonzero().flatten().tolist()
@@ -251,15 +275,17 @@ class VisualRWKV(nn.Module):
                 pixel_values: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None,
                 has_image: Optional[torch.Tensor] = None, image_embeds: Optional[torch.Tensor] = None,
                 backend: str = "auto", return_logits: bool = False, pack: bool = False,
-                **_ignored) -> VisualOutput:
+                splice_numbers: Optional[List[int]] = None, **_ignored) -> VisualOutput:
         """Training / scoring forward. With labels: loss = mean over rows of the mean next-token
         cross entropy over the row's supervised tokens (SPEC §5); the head runs only where needed.
 
         pack=True concatenates the rows' real tokens into one row and runs the WKV kernel with
-        sequence offsets (cu_seqlens), so no compute is spent on padding; the result is the same."""
+        sequence offsets (cu_seqlens), so no compute is spent on padding; the result is the same.
+        splice_numbers: ``splice_numbers(input_ids, lengths, has_image, labels)`` computed on the host
+        beforehand (same tensors); without them the splicing reads its numbers back from the device."""
         if image_embeds is None and pixel_values is not None and pixel_values.shape[0] > 0:
             image_embeds = self.encode_images(pixel_values)
-        mm = self.build_inputs(input_ids, lengths, image_embeds, has_image, labels)
+        mm = self.build_inputs(input_ids, lengths, image_embeds, has_image, labels, splice_numbers)
         B, Tn, _ = mm.embeds.shape
         if pack:
             lens = mm.lengths

@@ -103,6 +103,9 @@ class VisualRWKVTrainModule(pl.LightningModule):
         self.batch_samples = int(lengths.numel())
         self._batch_has_image = n_img > 0
         self._batch_supervised = bool((batch["labels"][:, 1:] != IGNORE_INDEX).any())
+        # The splicing's host numbers from the CPU tensors, so the step on the GPU reads nothing back
+        # (training_step passes them with the same tensors; has_image is not passed there).
+        batch["splice_numbers"] = self.model.splice_numbers(batch["input_ids"], lengths, None, batch["labels"])
         return batch
 
     def _touch(self, params) -> torch.Tensor:
@@ -123,7 +126,7 @@ class VisualRWKVTrainModule(pl.LightningModule):
             self.last_loss = None
             return loss
         out = self.model(input_ids=batch["input_ids"], labels=batch["labels"], pixel_values=batch["pixel_values"],
-                         lengths=batch["lengths"], pack=self.pack)
+                         lengths=batch["lengths"], pack=self.pack, splice_numbers=batch.get("splice_numbers"))
         loss = out.loss  # mean over rows of each row's mean token loss (SPEC §5), L2Wrap attached
         self.last_loss = loss.detach()
         if self.trainer.world_size > 1:
