@@ -330,6 +330,11 @@ def test_cli_subprocess_no_traceback(env, tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "missing.json" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+    # A checkpoint that does not fit the flags: caught before Lightning prints its banner.
+    r = _cli(_args(env, str(tmp_path / "y")) + ["--n_embd", "128", "--n_layer", "2"], timeout=200)
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.strip().splitlines() if "torchvision" not in x]  # transformers' notice
+    assert len(lines) == 1 and "--n_embd 128" in lines[0], r.stderr
     r = _cli(["--help"], timeout=120)
     assert r.returncode == 0 and "stage 1" in r.stdout and "stage 2" in r.stdout
 

@@ -218,7 +218,8 @@ def train(cfg: TrainConfig) -> Optional[TrainResult]:
 
     from visualrwkv.train.callbacks import TrainCallback
     from visualrwkv.train.data import make_loader, prepare_records, resolve_num_workers
-    from visualrwkv.train.model import add_input_dropout, apply_freezing, build_model, compile_for_training
+    from visualrwkv.train.model import (add_input_dropout, apply_freezing, build_model, check_model_flags,
+                                        compile_for_training)
     from visualrwkv.train.module import VisualRWKVTrainModule
     from visualrwkv.train.schedule import TrainSampler
 
@@ -228,6 +229,7 @@ def train(cfg: TrainConfig) -> Optional[TrainResult]:
         transformers.utils.logging.disable_progress_bar()
     except (ImportError, AttributeError):
         pass
+    check_model_flags(cfg)  # a mistake here is the only line printed: before the Trainer's banner
     os.makedirs(cfg.proj_dir, exist_ok=True)
     cuda = torch.cuda.is_available()
     cfg.lightning_precision = _precision(cfg, cuda)

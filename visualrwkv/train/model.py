@@ -57,24 +57,29 @@ def scratch_config(cfg):
         raise UserError(str(e)) from None
 
 
+def check_model_flags(cfg) -> None:
+    """The model flags against the checkpoint, before anything is loaded or set up (``visualrwkv
+    train`` calls it before building the Trainer, so a mistake is its only output line)."""
+    # A bad --grid_size (too large a grid for the tower is found when the tower is known).
+    if cfg.grid_size < -1:
+        raise UserError(f"--grid_size must be -1, 0, 1 or >= 2; got {cfg.grid_size}")
+    source = cfg.model_path or cfg.load_model
+    if source:
+        # Read the dimensions off the file (memory-mapped: no weights are read).
+        from visualrwkv.checkpoint import config_from_state_dict, language_model_part, load_state_dict_file
+
+        _check_dims(cfg, config_from_state_dict(language_model_part(load_state_dict_file(source)), source), source)
+
+
 def build_model(cfg):
     """A VisualRWKV in float32 on the CPU (Lightning moves it and applies the precision)."""
     from visualrwkv.models.visualrwkv import VisualRWKV
 
-    # Fail on a bad --grid_size before loading gigabytes of weights (too large a grid for the
-    # tower is found when the tower is known, below).
-    if cfg.grid_size < -1:
-        raise UserError(f"--grid_size must be -1, 0, 1 or >= 2; got {cfg.grid_size}")
+    check_model_flags(cfg)  # before loading gigabytes of weights
     # The projector's init (and a model from scratch) depend on the seed; -1 (no global seed, as the
     # original) still gives a reproducible start.
     seed = cfg.random_seed if cfg.random_seed >= 0 else 0
     source = cfg.model_path or cfg.load_model
-    if source:
-        # Read the dimensions off the file (memory-mapped: no weights are read) and check the
-        # compatibility flags before loading anything.
-        from visualrwkv.checkpoint import config_from_state_dict, language_model_part, load_state_dict_file
-
-        _check_dims(cfg, config_from_state_dict(language_model_part(load_state_dict_file(source)), source), source)
     try:
         if cfg.model_path:
             model = VisualRWKV.from_checkpoint(cfg.model_path, cfg.vision_tower_name, cfg.grid_size,
