@@ -91,6 +91,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="with --act_budget: how the partitioner prices recomputation (torch._functorch "
                         "activation_memory_budget_runtime_estimator): flop counts (elementwise ops look free) "
                         "or timing each op on the GPU")
+    p.add_argument("--fused_mix", type=int, choices=[0, 1], default=0,
+                   help="with --compile 1: the time mixing's LoRA output and five interpolations as ops/maa_mix.py's "
+                        "fused Triton kernels (1; opt-in until measured) or the bmm + inductor's kernels (0)")
     p.add_argument("--host_numbers", type=int, choices=[0, 1], default=1,
                    help="plain loop: the splicing's numbers computed from the CPU batch beforehand (1, as "
                         "'visualrwkv train' does) or read back from the GPU in every step (0: the baseline)")
@@ -426,7 +429,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from visualrwkv.train.model import compile_for_training
 
         compile_for_training(model, 1.0 if a.act_budget is None else a.act_budget, compile_vit=bool(a.compile_vit),
-                             fused_norm_gate=bool(a.fused_norm_gate), wkv_custom_op=bool(a.wkv_op))
+                             fused_norm_gate=bool(a.fused_norm_gate), wkv_custom_op=bool(a.wkv_op),
+                             fused_mix=bool(a.fused_mix))
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

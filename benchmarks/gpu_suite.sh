@@ -40,6 +40,9 @@ if [ "$WHAT" = train ] || [ "$WHAT" = all ]; then
   # baseline of --wkv_op 1 (the default): a graph break around fla's WKV kernels in every layer
   run train_stage2_compiled_b05_wkv_graph_break 240 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 0 --steps 3 --warmup 2 --compile 1 --act_budget 0.5 --wkv_op 0
   run groupnorm 120 python3 benchmarks/bench_groupnorm.py --tokens 4096,11800
+  # the time mixing's interpolations: bmm + inductor's kernels vs ops/maa_mix.py's fused kernels, and the step with them
+  run maa_mix 120 python3 benchmarks/bench_maa_mix.py --tokens 4096,11800
+  run train_stage2_compiled_b05_fused_mix 240 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 0 --steps 3 --warmup 2 --compile 1 --act_budget 0.5 --fused_mix 1
   # the text lengths of the original's sample records, 8 distinct batches
   run train_stage2_compiled_b05_reallen 240 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 0 --steps 8 --warmup 3 --compile 1 --act_budget 0.5 --batches 8 --lengths_from benchmarks/data/llava_sample_lengths.json
   run train_stage2_compiled_b05_longest 240 python3 benchmarks/bench_train_gpu.py --stages 2 --micro_bsz 8 --text_len 1400 --grad_cp 0 --steps 2 --warmup 1 --compile 1 --act_budget 0.5

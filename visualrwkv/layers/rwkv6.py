@@ -78,6 +78,9 @@ class TimeMix(nn.Module):
         # ln_x and the gate product (B*T, C) -> (B*T, C); compile_blocks(fused_norm_gate=True) swaps in
         # the fused Triton kernels.
         self.norm_gate_fn = norm_gate
+        # None: the LoRA bmm and the five interpolations below as PyTorch ops; compile_blocks(fused_mix=True)
+        # sets ops.maa_mix's fused kernels: (x, xx (M, C), maa (5, C), h (5, M, R), w2 (5, R, C)) -> (5, M, C).
+        self.maa_mix_fn = None
 
     def forward(
         self,
@@ -100,13 +103,19 @@ class TimeMix(nn.Module):
         xx = token_shift(x, shift, cu_seqlens) - x  # shift(x) - x
         xxx = x + xx * self.time_maa_x.to(dt)
         m = torch.tanh(xxx @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)  # (5, B*T, R)
-        m = torch.bmm(m, self.time_maa_w2).view(5, B, T, C)  # (5, B, T, C)
-        mw, mk, mv, mr, mg = m.unbind(0)
-        xw = x + xx * (self.time_maa_w.to(dt) + mw)
-        xk = x + xx * (self.time_maa_k.to(dt) + mk)
-        xv = x + xx * (self.time_maa_v.to(dt) + mv)
-        xr = x + xx * (self.time_maa_r.to(dt) + mr)
-        xg = x + xx * (self.time_maa_g.to(dt) + mg)
+        if self.maa_mix_fn is not None:
+            maa = torch.cat([self.time_maa_w, self.time_maa_k, self.time_maa_v, self.time_maa_r,
+                             self.time_maa_g]).view(5, C)
+            mixed = self.maa_mix_fn(x.reshape(B * T, C), xx.reshape(B * T, C), maa, m, self.time_maa_w2)
+            xw, xk, xv, xr, xg = mixed.view(5, B, T, C).unbind(0)
+        else:
+            m = torch.bmm(m, self.time_maa_w2).view(5, B, T, C)  # (5, B, T, C)
+            mw, mk, mv, mr, mg = m.unbind(0)
+            xw = x + xx * (self.time_maa_w.to(dt) + mw)
+            xk = x + xx * (self.time_maa_k.to(dt) + mk)
+            xv = x + xx * (self.time_maa_v.to(dt) + mv)
+            xr = x + xx * (self.time_maa_r.to(dt) + mr)
+            xg = x + xx * (self.time_maa_g.to(dt) + mg)
         r = self.receptance(xr)
         k = self.key(xk)
         v = self.value(xv)

@@ -163,7 +163,7 @@ class RWKV6(nn.Module):
         return self
 
     def compile_blocks(self, dynamic: bool = True, fused_norm_gate: bool = False,
-                       wkv_custom_op: bool = False) -> "RWKV6":
+                       wkv_custom_op: bool = False, fused_mix: bool = False) -> "RWKV6":
         """Compile each block with torch.compile (GPU training/prefill): fuses the token shift,
         LoRA mixes, norms and gates into few kernels. The WKV kernel itself runs uncompiled.
 
@@ -172,13 +172,17 @@ class RWKV6(nn.Module):
         nodes) instead of inductor's lowering of GroupNorm.
         wkv_custom_op: packed training calls of fla's WKV kernels as custom ops inside the block's graph
         instead of a graph break around them (``ops.wkv6.compilable_wkv6``); training's default
-        (``compile_for_training``)."""
+        (``compile_for_training``).
+        fused_mix: the time mixing's LoRA output and five interpolations as the fused Triton kernels of
+        ``ops.maa_mix`` (CUDA tensors; custom ops inside the graph); opt-in until measured."""
+        from visualrwkv.ops.maa_mix import fused_maa_mix_fn
         from visualrwkv.ops.norm_gate import fused_norm_gate_fn, norm_gate
         from visualrwkv.ops.partition import KeepOutputs
         from visualrwkv.ops.wkv6 import compilable_wkv6
 
         wkv_fn = compilable_wkv6(custom_op=wkv_custom_op)
         gate_fn = fused_norm_gate_fn() if fused_norm_gate else norm_gate
+        mix_fn = fused_maa_mix_fn() if fused_mix else None
         # The custom kernels' forward outputs are kept, never recomputed (ops/partition.py).
         options = {"joint_custom_pre_pass": KeepOutputs()}
         # Block.body is the same code for every layer (ln0 of layer 0 stays outside it) and reads no
@@ -187,6 +191,7 @@ class RWKV6(nn.Module):
         for blk in self.blocks:
             blk.att.wkv_fn = wkv_fn
             blk.att.norm_gate_fn = gate_fn
+            blk.att.maa_mix_fn = mix_fn
             blk.body = torch.compile(blk.body, dynamic=dynamic, options=options)
         return self
 

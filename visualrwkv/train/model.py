@@ -155,7 +155,7 @@ def add_input_dropout(model, p: float) -> Optional[torch.utils.hooks.RemovableHa
 
 
 def compile_for_training(model, act_budget: float = 1.0, compile_vit: bool = True,
-                         fused_norm_gate: bool = True, wkv_custom_op: bool = True) -> None:
+                         fused_norm_gate: bool = True, wkv_custom_op: bool = True, fused_mix: bool = False) -> None:
     """torch.compile the RWKV blocks for GPU training (``--compile 1``).
 
     act_budget < 1 (``--act_budget``): the partitioner of every compiled graph keeps at most that
@@ -182,13 +182,16 @@ def compile_for_training(model, act_budget: float = 1.0, compile_vit: bool = Tru
     wkv_custom_op: fla's WKV kernels as custom ops inside the compiled graphs (no graph break per
     layer; packed calls without state, i.e. training), their forward outputs kept for backward
     (``ops.partition``). On an H100, 1.6B stage 2 at --act_budget 0.5: 335 ms per step and 45.2 GiB,
-    against 361 ms and 50.8 GiB with the graph break (``bench_train_gpu.py --wkv_op 0/1``, same call)."""
+    against 361 ms and 50.8 GiB with the graph break (``bench_train_gpu.py --wkv_op 0/1``, same call).
+
+    fused_mix: the time mixing's LoRA output and interpolations as ``ops.maa_mix``'s fused kernels;
+    opt-in until measured (``bench_train_gpu.py --fused_mix 0/1``)."""
     import torch._dynamo
     from torch._functorch import config as functorch_config
 
     torch._dynamo.config.optimize_ddp = False
     functorch_config.activation_memory_budget = float(act_budget)
-    model.rwkv.compile_blocks(fused_norm_gate=fused_norm_gate, wkv_custom_op=wkv_custom_op)
+    model.rwkv.compile_blocks(fused_norm_gate=fused_norm_gate, wkv_custom_op=wkv_custom_op, fused_mix=fused_mix)
     if compile_vit:
         compile_frozen_tower(model)
 
