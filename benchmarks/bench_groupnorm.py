@@ -24,6 +24,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def per_head_group_norm(y: torch.Tensor, ln) -> torch.Tensor:
@@ -57,8 +58,7 @@ def main(argv=None) -> int:
         ln.weight.normal_()
         ln.bias.normal_()
 
-    from torch.profiler import ProfilerActivity, profile
-
+    from gpu_profile import wall_and_kernel_ms
     from visualrwkv.ops.norm_gate import norm_gate_triton
 
     def step(fn, y, g, dout):
@@ -87,28 +87,15 @@ def main(argv=None) -> int:
         ref = None
         for name, fn in variants.items():
             y, g = y0.clone().requires_grad_(True), g0.clone().requires_grad_(True)
+            def call(fn=fn, y=y, g=g):
+                ln.zero_grad()
+                y.grad = g.grad = None
+                return step(fn, y, g, dout)
+
             for _ in range(3):  # compile, autotune, warm
-                ln.zero_grad()
-                y.grad = g.grad = None
-                out = step(fn, y, g, dout)
-            times = []
-            for _ in range(a.iters):
-                y.grad = g.grad = None
-                ln.zero_grad()
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                out = step(fn, y, g, dout)
-                e.record()
-                torch.cuda.synchronize()
-                times.append(s.elapsed_time(e))
-            ms = sorted(times)[len(times) // 2]
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    y.grad = g.grad = None
-                    ln.zero_grad()
-                    step(fn, y, g, dout)
-                torch.cuda.synchronize()
-            kern = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / 10
+                out = call()
+            ms, kern = wall_and_kernel_ms(call, a.iters)
+            out = call()
             got = torch.cat([out.detach().float().flatten(), y.grad.float().flatten(), ln.weight.grad.float()])
             diff = 0.0 if ref is None else float((got - ref).abs().max())
             ref = got if ref is None else ref

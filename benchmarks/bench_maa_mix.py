@@ -20,6 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv=None) -> int:
@@ -32,8 +33,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_maa_mix.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    from torch.profiler import ProfilerActivity, profile
-
+    from gpu_profile import wall_and_kernel_ms
     from visualrwkv.ops.maa_mix import maa_mix_triton, reference_maa_mix
 
     C, R = a.n_embd, a.rank
@@ -62,21 +62,9 @@ def main(argv=None) -> int:
                 return out
 
             for _ in range(3):  # compile, warm
-                out = step()
-            times = []
-            for _ in range(a.iters):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                out = step()
-                e.record()
-                torch.cuda.synchronize()
-                times.append(s.elapsed_time(e))
-            ms = sorted(times)[len(times) // 2]
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    step()
-                torch.cuda.synchronize()
-            kern = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3 / 10
+                step()
+            ms, kern = wall_and_kernel_ms(step, a.iters)
+            out = step()
             got = (out.detach().float(), t[0].grad.float())
             ref = got if ref is None else ref
             rels = [float((g - r).norm() / r.norm()) for g, r in zip(got, ref)]

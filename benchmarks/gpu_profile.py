@@ -153,3 +153,25 @@ def count_syncs(fn: Callable[[], object], top: int = 6) -> str:
     lines = [f"host-device synchronisations in one call: {n}"]
     lines += [f"  {count:>4} x {loc}" for loc, count in where.most_common(top)]
     return "\n".join(lines)
+
+
+def wall_and_kernel_ms(step: Callable[[], object], iters: int = 30, profiled: int = 10):
+    """(median wall ms of one call of step between CUDA events, host work included; GPU kernel ms per
+    call from torch.profiler over ``profiled`` calls: its cost where the host runs ahead, as in a
+    compiled training step). step must already be warm (compiled, autotuned)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        step()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(profiled):
+            step()
+        torch.cuda.synchronize()
+    kern = sum(ev.self_device_time_total for ev in prof.key_averages()) / 1e3 / profiled
+    return sorted(times)[len(times) // 2], kern
