@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional
 
 import torch
 

@@ -9,7 +9,6 @@ decoded together. The API name of the answer event is ``/answer`` (for ``gradio_
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from importlib import resources

@@ -32,7 +32,7 @@ multiple of ``accumulate_grad_batches`` it equals the original's ``global_step *
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, Iterator, List, Sequence, Set, Tuple
 
 import torch
 from torch.utils.data import Sampler
