@@ -218,9 +218,11 @@ def test_compiled_blocks_train_like_eager_on_gpu():
         torch._dynamo.reset()
 
 
-def test_compiled_blocks_share_one_graph_and_match_eager():
+@pytest.mark.parametrize("fused", [False, True])
+def test_compiled_blocks_share_one_graph_and_match_eager(fused):
     """compile_blocks on the CPU: prefill and T=1 decoding equal eager, and the layers share their
-    graphs (a per-layer compile would make startup grow with depth: 24 compiles for a 1.6B model)."""
+    graphs (a per-layer compile would make startup grow with depth: 24 compiles for a 1.6B model).
+    fused: with the training options (fused ln_x + gate, fused time mix; their CPU fallbacks run here)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -230,7 +232,7 @@ def test_compiled_blocks_share_one_graph_and_match_eager():
     with torch.no_grad():
         ref, st = model(ids)
         ref1, _ = model(ids[:, :1], state=st)
-        model.compile_blocks()
+        model.compile_blocks(fused_norm_gate=fused, fused_mix=fused)
         out, st2 = model(ids)
         out1, _ = model(ids[:, :1], state=st2)
     try:
