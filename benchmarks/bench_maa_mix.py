@@ -29,17 +29,38 @@ def main(argv=None) -> int:
     p.add_argument("--n_embd", type=int, default=2048)
     p.add_argument("--rank", type=int, default=32, help="time_maa LoRA rank (32 below C 4096)")
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--configs", default="",
+                   help="extra tile choices of the fused kernels to time, ';'-separated, each "
+                        "'fwd=BMxBCxWARPS,rows=BMxBCxWARPS,cols=BMxBCxWARPS' (parts left out keep ops/maa_mix.py's "
+                        "defaults; BC must stay 64), e.g. 'rows=16x64x4;fwd=16x64x8'")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_maa_mix.py needs a CUDA GPU", file=sys.stderr)
         return 2
     from gpu_profile import wall_and_kernel_ms
+    from visualrwkv.ops import maa_mix as mm
     from visualrwkv.ops.maa_mix import maa_mix_triton, reference_maa_mix
 
     C, R = a.n_embd, a.rank
+    defaults = {"fwd": mm._FWD, "rows": mm._BWD_ROWS, "cols": mm._BWD_COLS}
+
+    def fused(tiles):
+        def fn(*t):
+            # The kernels read these module constants at launch, the backward's during out.backward():
+            # each variant sets its own for all its steps (variants run one after another).
+            mm._FWD, mm._BWD_ROWS, mm._BWD_COLS = tiles["fwd"], tiles["rows"], tiles["cols"]
+            return maa_mix_triton(*t)
+        return fn
+
     variants = {"eager bmm + mix": reference_maa_mix,
                 "compiled bmm + mix": torch.compile(reference_maa_mix, dynamic=True),
-                "fused Triton": maa_mix_triton}
+                "fused Triton": fused(defaults)}
+    for spec in filter(None, a.configs.split(";")):
+        tiles = dict(defaults)
+        for part in spec.split(","):
+            key, _, val = part.partition("=")
+            tiles[key.strip()] = tuple(int(v) for v in val.split("x"))
+        variants[f"fused {spec}"[:22]] = fused(tiles)
     print(f"# {torch.cuda.get_device_name()}; 5 interpolations of {C} channels, LoRA rank {R}, bf16, forward + backward")
     print(f"{'tokens':>7} {'variant':<22} {'wall_ms':>8} {'kern_ms':>8} {'rel_out':>9} {'rel_dx':>9}")
     for M in [int(x) for x in a.tokens.split(",")]:
