@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from visualrwkv.ops.maa_mix import maa_mix, reference_maa_mix
-from utils import random_rwkv6, rel
+from utils import outputs_and_grads, random_rwkv6, rel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -22,7 +22,7 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 _INTERPRETED = textwrap.dedent('''
     import copy, torch
     from visualrwkv.ops.maa_mix import maa_mix_triton, reference_maa_mix, fused_maa_mix_fn
-    from utils import random_rwkv6, rel
+    from utils import hidden_and_grads, outputs_and_grads, random_rwkv6, rel
 
     gen = torch.Generator().manual_seed(0)
     # Odd row counts: one row block, several, and (1100 rows) more than one slice of the column kernel.
@@ -34,12 +34,7 @@ _INTERPRETED = textwrap.dedent('''
             h = torch.randn(5, M, R, generator=gen).tanh().to(dtype)
             w2 = torch.randn(5, R, C, generator=gen) * 0.1
             dout = torch.randn(5, M, C, generator=gen).to(dtype)
-            got = []
-            for f in (reference_maa_mix, maa_mix_triton):
-                t = [a.clone().requires_grad_(True) for a in (x, xx, maa, h, w2)]
-                out = f(*t)
-                out.backward(dout)
-                got.append([out.detach()] + [a.grad for a in t])
+            got = [outputs_and_grads(f, (x, xx, maa, h, w2), dout) for f in (reference_maa_mix, maa_mix_triton)]
             for name, a, c in zip(("out", "dx", "dxx", "dmaa", "dh", "dw2"), got[1], got[0]):
                 assert a.dtype == c.dtype and a.shape == c.shape, name
                 assert rel(a, c) <= tol, (dtype, M, name, rel(a, c))
@@ -57,16 +52,11 @@ _INTERPRETED = textwrap.dedent('''
         blk.att.maa_mix_fn = fused_fn
     xin = torch.randn(2, 45, 128, generator=gen)
     probe = torch.randn(2, 45, 128, generator=gen)
-    outs = []
-    for m in (ref, fused):
-        hid, _ = m.forward_hidden(xin, need_state=False)
-        (hid * probe).sum().backward()
-        outs.append(hid.detach())
+    (h_ref, g_ref), (h_fused, g_fused) = (hidden_and_grads(m, xin, probe) for m in (ref, fused))
     assert calls == [(90, 128)] * 2  # every layer went through the kernels
-    assert rel(outs[1], outs[0]) <= 1e-5
-    for (name, pr), pf in zip(ref.named_parameters(), fused.parameters()):
-        if pr.grad is not None:
-            assert rel(pf.grad, pr.grad) <= 1e-5, (name, rel(pf.grad, pr.grad))
+    assert rel(h_fused, h_ref) <= 1e-5
+    for name, g in g_ref.items():
+        assert rel(g_fused[name], g) <= 1e-5, (name, rel(g_fused[name], g))
 
     # Under torch.compile the kernels are custom ops inside the graph: fullgraph=True fails on a graph
     # break; aot_eager traces forward and backward with the ops' fake implementations (dynamic M).
@@ -78,12 +68,9 @@ _INTERPRETED = textwrap.dedent('''
     for M in (37, 70):
         base = [torch.randn(M, 64, generator=gen), torch.randn(M, 64, generator=gen), torch.randn(5, 64, generator=gen),
                 torch.randn(5, M, 16, generator=gen), torch.randn(5, 16, 64, generator=gen)]
-        got = []
-        for f in (step, lambda x, xx, maa, h, w2: reference_maa_mix(x * 1.5, xx, maa, h, w2) + 1):
-            t = [a.clone().requires_grad_(True) for a in base]
-            out = f(*t)
-            out.backward(torch.ones_like(out))
-            got.append([out.detach()] + [a.grad for a in t])
+        dout = torch.ones(5, M, 64)
+        got = [outputs_and_grads(f, base, dout)
+               for f in (step, lambda x, xx, maa, h, w2: reference_maa_mix(x * 1.5, xx, maa, h, w2) + 1)]
         for a, c in zip(*got):
             assert rel(a, c) <= 1e-6
     print("ok")
@@ -184,12 +171,7 @@ def test_fused_kernels_match_reference_on_gpu():
         h = torch.randn(5, M, R, device="cuda", generator=gen).tanh().to(dtype)
         w2 = torch.randn(5, R, C, device="cuda", generator=gen) * 0.1
         dout = torch.randn(5, M, C, device="cuda", generator=gen).to(dtype)
-        got = []
-        for f in (reference_maa_mix, maa_mix_triton):
-            t = [a.clone().requires_grad_(True) for a in (x, xx, maa, h, w2)]
-            out = f(*t)
-            out.backward(dout)
-            got.append([out.detach()] + [a.grad for a in t])
+        got = [outputs_and_grads(f, (x, xx, maa, h, w2), dout) for f in (reference_maa_mix, maa_mix_triton)]
         for name, a, c in zip(("out", "dx", "dxx", "dmaa", "dh", "dw2"), got[1], got[0]):
             assert a.dtype == c.dtype, name
             assert rel(a, c) <= tol, (dtype, name, rel(a, c))

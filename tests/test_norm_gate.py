@@ -50,7 +50,7 @@ _INTERPRETED = textwrap.dedent('''
     # Wired into the model: a 2-layer RWKV-6 with every ln_x + gate on the kernels (fp32) equals the
     # reference model in outputs and every parameter's gradient.
     import copy
-    from utils import random_rwkv6
+    from utils import hidden_and_grads, random_rwkv6
 
     ref = random_rwkv6(n_layer=2, n_embd=128).train()
     fused = copy.deepcopy(ref)
@@ -64,16 +64,11 @@ _INTERPRETED = textwrap.dedent('''
         blk.att.norm_gate_fn = fused_fn
     x = torch.randn(2, 45, 128, generator=gen)
     probe = torch.randn(2, 45, 128, generator=gen)
-    outs = []
-    for m in (ref, fused):
-        h, _ = m.forward_hidden(x, need_state=False)
-        (h * probe).sum().backward()
-        outs.append(h.detach())
+    (h_ref, g_ref), (h_fused, g_fused) = (hidden_and_grads(m, x, probe) for m in (ref, fused))
     assert calls == [(90, 128)] * 2  # every layer went through the kernels
-    assert rel(outs[1], outs[0]) <= 1e-5
-    for (name, pr), pf in zip(ref.named_parameters(), fused.parameters()):
-        if pr.grad is not None:
-            assert rel(pf.grad, pr.grad) <= 1e-4, name
+    assert rel(h_fused, h_ref) <= 1e-5
+    for name, g in g_ref.items():
+        assert rel(g_fused[name], g) <= 1e-4, name
 
     # Under torch.compile the kernels are custom ops inside the graph: fullgraph=True fails on a graph
     # break; aot_eager traces forward and backward with the ops' fake implementations (dynamic M).

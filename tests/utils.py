@@ -40,3 +40,19 @@ def make_tiny_tower(folder: str, image_size: int = 32, patch_size: int = 8, hidd
     transformers.CLIPImageProcessor(size={"shortest_edge": image_size},
                                     crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
     return folder
+
+
+def outputs_and_grads(fn, inputs, dout):
+    """[fn(*inputs) detached, then the gradient of each input] for the backward of ``dout``; the
+    inputs are cloned, so the same tensors serve several fns."""
+    t = [a.clone().requires_grad_(True) for a in inputs]
+    out = fn(*t)
+    out.backward(dout)
+    return [out.detach()] + [a.grad for a in t]
+
+
+def hidden_and_grads(model, x, probe, **kw):
+    """The hidden states of ``model.forward_hidden(x)`` and every parameter's gradient of (hidden * probe).sum()."""
+    h, _ = model.forward_hidden(x, need_state=False, **kw)
+    (h * probe).sum().backward()
+    return h.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

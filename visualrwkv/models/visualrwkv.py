@@ -176,10 +176,11 @@ class VisualRWKV(nn.Module):
 
     # ---------------------------------------------------------------------------- splicing
     def _splice_layout(self, input_ids: torch.Tensor, lengths: Optional[torch.Tensor],
-                       has_image: Optional[torch.Tensor], labels: Optional[torch.Tensor]):
-        """Placeholder positions and spliced lengths, and the numbers the host needs as one (6 + B,)
-        long tensor on input_ids' device: [most placeholders in a row, has_image mismatches, rows with
-        an image, longest spliced row, total spliced tokens, supervised targets, spliced length per row]."""
+                       has_image: Optional[torch.Tensor], labels: Optional[torch.Tensor], count: bool = True):
+        """Placeholder positions and spliced lengths, and (count=True; else None) the numbers the host
+        needs as one (6 + B,) long tensor on input_ids' device: [most placeholders in a row, has_image
+        mismatches, rows with an image, longest spliced row, total spliced tokens, supervised targets,
+        spliced length per row]."""
         B, T = input_ids.shape
         device = input_ids.device
         if lengths is None:
@@ -191,6 +192,8 @@ class VisualRWKV(nn.Module):
         pos = torch.where(row_has, is_ph.float().argmax(1), torch.full_like(n_ph, -1))  # (B,)
         extra = torch.where(row_has, torch.full_like(n_ph, n - 1), torch.zeros_like(n_ph))
         new_len = lengths + extra
+        if not count:
+            return n_ph, row_has, pos, new_len, None
         zero = n_ph.new_zeros(())
         mismatch = zero if has_image is None else (row_has != has_image.bool().to(device)).sum()
         n_sup = zero
@@ -224,11 +227,10 @@ class VisualRWKV(nn.Module):
         B, T = input_ids.shape
         device = input_ids.device
         n = self.n_image_tokens
-        n_ph, row_has, pos, new_len, on_device = self._splice_layout(input_ids, lengths, has_image, labels)
-        if lengths is None:
-            lengths = torch.full((B,), T, dtype=torch.long, device=device)
         if numbers is not None and len(numbers) != 6 + B:
             raise ValueError(f"splice numbers for {len(numbers) - 6} rows given with a batch of {B} rows")
+        n_ph, row_has, pos, new_len, on_device = self._splice_layout(input_ids, lengths, has_image, labels,
+                                                                     count=numbers is None)
         stats = list(numbers) if numbers is not None else on_device.tolist()
         most_ph, n_mismatch, n_img_rows, Tn, n_real, n_supervised = (int(v) for v in stats[:6])
         if most_ph > 1:

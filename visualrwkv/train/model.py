@@ -72,10 +72,11 @@ def check_model_flags(cfg) -> None:
 
 
 def build_model(cfg):
-    """A VisualRWKV in float32 on the CPU (Lightning moves it and applies the precision)."""
+    """A VisualRWKV in float32 on the CPU (Lightning moves it and applies the precision). The caller
+    has run ``check_model_flags(cfg)`` (``train`` does, before the Trainer), so no weights are loaded
+    for flags that do not fit the checkpoint."""
     from visualrwkv.models.visualrwkv import VisualRWKV
 
-    check_model_flags(cfg)  # before loading gigabytes of weights
     # The projector's init (and a model from scratch) depend on the seed; -1 (no global seed, as the
     # original) still gives a reproducible start.
     seed = cfg.random_seed if cfg.random_seed >= 0 else 0
