@@ -78,6 +78,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "--lightning one more step through the Trainer (rank 0 under DDP: the all-reduce's "
                         "kernel time and how much of it no compute overlaps)")
     p.add_argument("--profile_top", type=int, default=12, help="kernels listed by --profile")
+    p.add_argument("--host_profile", type=int, default=0, metavar="N",
+                   help="plain loop: cProfile the host side of N more steps (no syncs inside) and print the "
+                        "functions with the most own time: where a launch-bound step spends its CPU time")
     p.add_argument("--act_budget", type=float, default=None,
                    help="with --compile 1: torch._functorch activation_memory_budget (0..1); below 1 the compiled "
                         "graphs recompute their cheapest ops in backward instead of saving them")
@@ -290,8 +293,12 @@ def time_raw(model, params, batches, a, device) -> float:
         t0 = time.perf_counter()
         for _ in range(a.steps):
             step()
+        host = (time.perf_counter() - t0) / a.steps
         sync(device)
         dt = (time.perf_counter() - t0) / a.steps
+    # Nothing in the loop waits for the GPU, so the host's time to queue a step is its launch cost: when it
+    # is close to the step time, the step is bound by the CPU (Python, launches), not by the GPU's kernels.
+    print(f"  host time to queue one step: {host * 1e3:.1f} ms of {dt * 1e3:.1f} ms", file=sys.stderr, flush=True)
     if device.type == "cuda":
         # cudaMalloc / cudaFree calls by the caching allocator in the timed steps: a cudaFree (after a
         # failed allocation, "retries") waits for the whole GPU, so each one leaves it idle.
@@ -301,6 +308,25 @@ def time_raw(model, params, batches, a, device) -> float:
         print(f"  allocator in {a.steps} timed steps: {moved['num_device_alloc']} cudaMalloc, "
               f"{moved['num_device_free']} cudaFree, {moved['num_alloc_retries']} retries", file=sys.stderr,
               flush=True)
+    if a.host_profile:
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        with stance():
+            prof.enable()
+            for _ in range(a.host_profile):
+                step()
+            prof.disable()
+            sync(device)
+        text = io.StringIO()
+        # The backward's Python (custom ops' backward, compiled graphs' wrappers) runs on autograd's device
+        # thread, which cProfile does not see: it is inside run_backward's time here.
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        pstats.Stats(prof, stream=text).sort_stats("cumtime").print_stats(20)
+        print(f"host profile of {a.host_profile} steps (cProfile; own time, then time with callees):", flush=True)
+        print("\n".join(line[:200] for line in text.getvalue().splitlines() if line.strip()), flush=True)
     if a.profile and device.type == "cuda":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from gpu_profile import count_syncs, profile_table

@@ -2,6 +2,7 @@
 import copy
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -89,7 +90,8 @@ def test_fused_kernels_match_reference_in_triton_interpreter():
 def test_fused_kernels_compile_for_hopper_without_spills():
     """Ahead-of-time compile of the three kernels for sm_90 at the 1.6B shape (bf16 and fp32), through
     ptxas: catches what the interpreter does not (types, layouts, tensor-core dot shapes), and register
-    spills in bf16."""
+    spills in bf16 beyond a few words (the row-wise backward's 16 x 64 x 4 tile spills 24 bytes and measured
+    fastest on an H100; 32 x 64 x 8 spills 1.4 KB and ran 20x slower)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -120,7 +122,8 @@ def test_fused_kernels_compile_for_hopper_without_spills():
                 os.remove(ptx)
             assert r.returncode == 0, r.stderr[-2000:]
             if dt == "bf16":  # the training precision; fp32's full-precision dots on CUDA cores may spill
-                assert "0 bytes spill stores" in r.stderr, (fn.__name__, dt, r.stderr)
+                spilled = [int(m) for m in re.findall(r"(\d+) bytes spill stores", r.stderr)]
+                assert spilled and max(spilled) <= 64, (fn.__name__, dt, r.stderr)
 
 
 def test_reference_is_the_time_mix_arithmetic():

@@ -27,11 +27,13 @@ import importlib.util
 import torch
 
 MAA_MIX_BACKENDS = ("reference", "triton")
-# (rows, columns, warps) per program of each kernel: the largest tiles that sm_90's ptxas compiles
-# without register spills at C 2048, R 32 (tests/test_maa_mix.py checks it; 64 x 64 x 4 spilled in all
-# three). Columns per program divide C, so C must be a multiple of 64.
+# (rows, columns, warps) per program of each kernel: tiles that sm_90's ptxas compiles without register
+# spills at C 2048, R 32 (tests/test_maa_mix.py checks it; 64 x 64 x 4 spilled in all three). Columns per
+# program divide C, so C must be a multiple of 64. The row-wise backward's warps come from
+# bench_maa_mix.py --configs on an H100 (2026-11-27, 11.8k rows, forward + backward): 16 x 64 x 4
+# 1.10 ms, 16 x 64 x 8 1.43 ms, 32 x 64 x 8 29 ms.
 _FWD = (32, 64, 8)
-_BWD_ROWS = (16, 64, 8)
+_BWD_ROWS = (16, 64, 4)
 _BWD_COLS = (64, 64, 8)
 # Row blocks per program of the column-wise backward kernel (its partial sums, one per slice of
 # _SPLIT x 64 rows, are added by the caller): 11.8k rows -> 12 slices x 5 x 32 column blocks.
