@@ -97,6 +97,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--fused_mix", type=int, choices=[0, 1], default=0,
                    help="with --compile 1: the time mixing's LoRA output and five interpolations as ops/maa_mix.py's "
                         "fused Triton kernels (1; opt-in until measured) or the bmm + inductor's kernels (0)")
+    p.add_argument("--master_weights", type=int, choices=[0, 1], default=0,
+                   help="1: trainable linear weights in bf16 with fp32 masters in the optimizer (train's "
+                        "--master_weights 1: no weight casts per step); 0: fp32 weights under autocast")
     p.add_argument("--host_numbers", type=int, choices=[0, 1], default=1,
                    help="plain loop: the splicing's numbers computed from the CPU batch beforehand (1, as "
                         "'visualrwkv train' does) or read back from the GPU in every step (0: the baseline)")
@@ -257,8 +260,14 @@ def time_raw(model, params, batches, a, device) -> float:
     # and folded into the fused step.
     from visualrwkv.train.optim import clip_grad_norm_in_step_
 
+    from visualrwkv.train.optim import MasterAdamW
+
     kw = {"fused": True} if device.type == "cuda" else {}
-    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, **kw)
+    if a.master_weights:  # clipping folded into its step, as into the fused AdamW's
+        opt = MasterAdamW(params, lr=1e-5, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
+        kw = {"fused": True}
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, **kw)
     autocast = device.type == "cuda" and a.precision == "bf16-mixed"
 
     turn = [0]
@@ -354,6 +363,7 @@ def time_lightning(model, batches, a, device) -> float:
     loader = torch.utils.data.DataLoader([cpu[i % len(cpu)] for i in range(n)], batch_size=None,
                                          pin_memory=device.type == "cuda")
     cfg = TrainConfig(data_file="-", lr_init=1e-5, weight_decay=0.0, pack=a.pack, ddp_grad_dtype=a.ddp_grad_dtype,
+                      master_weights=a.master_weights,
                       strategy="ddp" if a.devices > 1 else "auto")
     trainable = [n_ for n_, p in model.named_parameters() if p.requires_grad]
     module = VisualRWKVTrainModule(model, cfg, trainable)
@@ -469,6 +479,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{'' if a.fla_sync_free else 'fla state pass with host sync; '}"
           f"{'fused ln_x + gate; ' if a.compile and a.fused_norm_gate else ''}"
           f"{'WKV as custom ops; ' if a.compile and a.wkv_op else ''}"
+          f"{'bf16 linear weights + fp32 masters; ' if a.master_weights else ''}"
           f"{'inductor ' + a.inductor + '; ' if a.inductor else ''}"
           f"{'lightning' if a.lightning else 'plain loop'}; built in {time.perf_counter() - t0:.0f}s")
     header = f"{'stage':>5} {'micro_bsz':>9} {'text_len':>8} {'seq_len':>7} {'step_ms':>9} {'samples/s':>10} " \
@@ -478,6 +489,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     gen = torch.Generator().manual_seed(0)
     for stage in a.stages:
         params = freeze(model, stage)
+        if a.master_weights and device.type == "cuda" and a.precision == "bf16-mixed":
+            from visualrwkv.train.optim import bf16_linear_weights_
+
+            bf16_linear_weights_(model)
         for B in a.micro_bsz:
             for T in a.text_len:
                 batches = [make_batch(B, T, vcfg.image_size, model.rwkv.cfg.vocab_size, device, gen, a.ragged,

@@ -296,6 +296,41 @@ def test_ddp_two_processes_equal_one_with_double_batch(env, tmp_path):
     assert max(100 * fp32_dev, 1e-6) < bf16_dev < 3 * 2 * 2e-3 * 2
 
 
+def test_master_weights_follow_fp32_weights_under_bf16(env, tmp_path):
+    """--master_weights 1 (bf16 linear weights, fp32 masters in the optimizer) against fp32 weights under the
+    same bf16 autocast: the same arithmetic, so the same losses step for step and the same weights up to
+    the bf16 rounding of the saved linear weights (the fp32 run's weights rounded to bf16)."""
+    runs = {}
+    for mw in (0, 1):
+        proj = str(tmp_path / f"mw{mw}")
+        argv = _args(env, proj, "--load_model", f"{env}/rwkv.pth", "--freeze_rwkv", 0, "--epoch_steps", 4,
+                     "--epoch_count", 1, "--micro_bsz", 2, "--master_weights", mw, stage1=False)
+        argv[argv.index("--precision") + 1] = "bf16"
+        _run(argv)
+        runs[mw] = (_step_losses(proj), load_state_dict_file(f"{proj}/rwkv-0.pth"))
+    (l0, w0), (l1, w1) = runs[0], runs[1]
+    assert len(l0) == len(l1) == 4
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    start = load_state_dict_file(f"{env}/rwkv.pth")
+    linear = [n for n in w1 if w1[n].dtype == torch.bfloat16 and w0[n].dtype == torch.float32]
+    assert {"rwkv.head.weight", "rwkv.blocks.0.att.key.weight", "proj.weight"} <= set(linear)
+    others = [n for n in w0 if n not in linear and n[len("rwkv."):] in start]
+    assert "rwkv.blocks.0.att.time_maa_w1" in others and "rwkv.blocks.1.ln2.weight" in others
+    for n in w0:
+        if n in linear:
+            a, b = w1[n].float(), w0[n].to(torch.bfloat16).float()
+            # within a bf16 ulp (1e-6 absolute for weights AdamW brought to about 0: fp32 cancellation)
+            assert ((a - b).abs() <= 2 ** -7 * b.abs() + 1e-6).all(), n
+            assert (a != b).float().mean() < 0.01, n
+        elif n.startswith("rwkv.") and n[len("rwkv."):] in start:
+            # Other weights: the last-bit differences of a few bf16 weights make AdamW's steps differ where
+            # gradients are about 0; the two runs still agree far within what training moved them.
+            moved = float((w0[n].float() - start[n[len("rwkv."):]].float()).abs().max())
+            assert float((w1[n].float() - w0[n].float()).abs().max()) <= 0.1 * moved + 1e-6, n
+    key = next(k for k in start if k.endswith("blocks.0.att.key.weight"))
+    assert not torch.equal(w1["rwkv.blocks.0.att.key.weight"].float(), start[key].to(torch.bfloat16).float())
+
+
 # ---------------------------------------------------------------------------------------------- mistakes
 def _main(argv, capsys):
     from visualrwkv.cli import main
@@ -312,6 +347,9 @@ def test_user_mistakes_one_line_exit_2(env, tmp_path, capsys):
         (_args(env, proj) + ["--model_path", f"{env}/rwkv.pth"], "--model_path"),  # both sources
         (_args(env, proj) + ["--weight_decay_final", "0.1"], "--weight_decay_final"),
         (_args(env, proj) + ["--ddp_grad_dtype", "bf16"], "--ddp_grad_dtype"),  # without --strategy ddp
+        (_args(env, proj) + ["--master_weights", "1"], "--precision bf16"),  # fp32 training
+        (_args(env, proj, "--precision", "bf16", "--master_weights", "1", "--accumulate_grad_batches", "2"),
+         "--accumulate_grad_batches 1"),
     ]
     missing = _args(env, proj)
     missing[missing.index("--data_file") + 1] = f"{env}/nope.json"

@@ -233,6 +233,9 @@ def train(cfg: TrainConfig) -> Optional[TrainResult]:
     os.makedirs(cfg.proj_dir, exist_ok=True)
     cuda = torch.cuda.is_available()
     cfg.lightning_precision = _precision(cfg, cuda)
+    if cfg.master_weights and cfg.lightning_precision != "bf16-mixed":
+        raise UserError(f"--master_weights 1 is for bf16 autocast training; this run's precision is {cfg.precision} "
+                        "(pass --precision bf16, or --master_weights 0)")
     strategy = make_strategy(cfg)
     loggers = _loggers(cfg)
     if cfg.random_seed >= 0:
@@ -274,6 +277,10 @@ def train(cfg: TrainConfig) -> Optional[TrainResult]:
     # ---- model
     model = build_model(cfg)
     trainable = apply_freezing(model, cfg)
+    if cfg.master_weights:
+        from visualrwkv.train.optim import bf16_linear_weights_
+
+        bf16_linear_weights_(model)  # before compiling: the graphs see the bf16 weights
     if cfg.grad_cp:
         model.rwkv.grad_cp = True
     if cfg.compile:

@@ -156,6 +156,7 @@ class TrainConfig:
     strategy: str = "auto"
     ds_bucket_mb: int = 200
     ddp_grad_dtype: str = "fp32"  # with --strategy ddp: dtype of the gradient all-reduce (bf16 halves its bytes)
+    master_weights: int = 0  # bf16 linear weights + fp32 masters in the optimizer (no per-step weight casts)
     # ---- logging / state
     wandb: str = ""
     run_name: str = ""
@@ -313,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strategy", default=d.strategy,
                    help="auto, ddp, fsdp, deepspeed_stage_1/2/3 (DeepSpeed must be installed), ...")
     g.add_argument("--ds_bucket_mb", type=int, default=d.ds_bucket_mb, help="DeepSpeed bucket size in MB")
+    g.add_argument("--master_weights", type=int, default=d.master_weights, choices=[0, 1],
+                   help="with --precision bf16: store the trainable linear weights in bf16 and their fp32 master "
+                        "copies in the optimizer (1), instead of fp32 weights cast to bf16 in every forward and "
+                        "their gradients cast back in every backward (0); the same arithmetic, fewer bytes moved. "
+                        "Plain (single-device) or --strategy ddp (whose all-reduce then averages the bf16 "
+                        "gradients in bf16, as --ddp_grad_dtype bf16), --accumulate_grad_batches 1")
     g.add_argument("--ddp_grad_dtype", default=d.ddp_grad_dtype, choices=["fp32", "bf16"],
                    help="with --strategy ddp: all-reduce the gradients in fp32 (exact average) or bf16 (half the "
                         "bytes between GPUs; each bucket rounded to bf16 once, as DeepSpeed's bf16 training "
@@ -395,6 +402,15 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.ddp_grad_dtype == "fp32" or cfg.strategy == "ddp",
          f"--ddp_grad_dtype {cfg.ddp_grad_dtype} applies to --strategy ddp (got --strategy {cfg.strategy}; "
          "DeepSpeed and FSDP reduce in their own precision)")
+    if cfg.master_weights:
+        need(cfg.precision in (None, "bf16", "bf16-mixed"),
+             f"--master_weights 1 is for bf16 autocast training (--precision bf16); got --precision {cfg.precision}")
+        need(cfg.accumulate_grad_batches == 1,
+             f"--master_weights 1 keeps bf16 gradients, which would be summed in bf16 over micro-batches: use "
+             f"--accumulate_grad_batches 1 (got {cfg.accumulate_grad_batches}) or --master_weights 0")
+        need("deepspeed" not in cfg.strategy and "fsdp" not in cfg.strategy,
+             f"--master_weights 1 works with a single device or --strategy ddp; --strategy {cfg.strategy} keeps its "
+             "own master weights: use --master_weights 0")
     need(cfg.num_workers >= -1, f"--num_workers must be -1 (auto) or >= 0; got {cfg.num_workers}")
     if cfg.accelerator == "cpu":
         need(cfg.precision not in ("fp16", "16", "16-mixed", "16-true"),

@@ -21,7 +21,7 @@ import torch
 
 from visualrwkv.constants import IGNORE_INDEX
 from visualrwkv.errors import UserError
-from visualrwkv.train.optim import bf16_allreduce_hook, clip_grad_norm_in_step_
+from visualrwkv.train.optim import MasterAdamW, bf16_allreduce_hook, clip_grad_norm_in_step_
 from visualrwkv.train.schedule import param_groups
 
 STATE_KEY = "visualrwkv"  # our entry in the Lightning checkpoint
@@ -174,6 +174,9 @@ class VisualRWKVTrainModule(pl.LightningModule):
         # an H100 the 1.6B stage-2 step's optimizer time falls from 85 ms with foreach). Only fp16
         # mixed precision, whose gradient scaler must unscale before clipping, keeps the multi-tensor
         # (foreach) implementation: a fused optimizer unscales inside its own step.
+        if getattr(cfg, "master_weights", 0):
+            # bf16 linear weights (bf16_linear_weights_), fp32 masters here; clipping folded into its step.
+            return MasterAdamW(groups, lr=cfg.lr_init, betas=betas, eps=cfg.adam_eps)
         cuda = self.device.type == "cuda"
         if self._has_grad_scaler():
             kw = {"foreach": True} if cuda else {}

@@ -1,10 +1,14 @@
-"""Gradient clipping folded into a fused AdamW step, and the bf16 gradient all-reduce of DDP (plain
-PyTorch; used by the Lightning module and the GPU training benchmark)."""
+"""Gradient clipping folded into a fused AdamW step, AdamW over bf16 weights with fp32 master copies,
+and the bf16 gradient all-reduce of DDP (plain PyTorch; used by the Lightning module and the GPU
+training benchmark)."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, List
 
 import torch
+from torch import nn
+
+from visualrwkv.ops.adamw import adamw_master_
 
 
 def _drop_grad_scale(optimizer, args, kwargs) -> None:
@@ -26,7 +30,12 @@ def clip_grad_norm_in_step_(optimizer: torch.optim.Optimizer, params: Iterable[t
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+    if any(g.dtype != torch.float32 for g in grads):
+        # bf16 gradients (--master_weights 1): each tensor's norm in fp32, as from the fp32 gradients they
+        # would otherwise be cast to (a bf16 result would round every per-tensor norm).
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+        norm = torch.linalg.vector_norm(torch.stack(norms))
+    elif hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     else:
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
@@ -56,3 +65,106 @@ def bf16_allreduce_hook(process_group, bucket):
         return buf
 
     return fut.then(unpack)
+
+
+def bf16_linear_weights_(model: nn.Module) -> List[str]:
+    """Store the trainable weights of the model's nn.Linear layers in bf16, in place (``--master_weights
+    1``); returns their names. Under bf16 autocast a linear layer computes with the bf16-rounded weight
+    either way, and its weight gradient is the bf16 matmul output either way: what changes is that no
+    cast runs per step (and the optimizer must keep the fp32 copy: ``MasterAdamW``). Everything else
+    (biases, norms, the time-mix and decay vectors, the LoRA matrices, frozen weights) stays as it is."""
+    names = []
+    for mname, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module.weight.requires_grad and module.weight.dtype == torch.float32:
+            w = module.weight
+            # The optimizer's master starts from these fp32 values, not from their bf16 rounding (taken
+            # by MasterAdamW at its first step, or dropped when it loads a saved state).
+            w._fp32_master = w.data
+            w.data = w.data.to(torch.bfloat16)
+            names.append(f"{mname}.weight" if mname else "weight")
+    return names
+
+
+class MasterAdamW(torch.optim.Optimizer):
+    """AdamW that keeps an fp32 master copy of every parameter stored in a lower precision
+    (``--master_weights 1`` with bf16 autocast; ``bf16_linear_weights_`` makes such parameters).
+
+    bf16 parameters: fp32 master, moments and step in this optimizer's state; one pass per tensor
+    (``ops.adamw.adamw_master_``: bf16 gradient in, master, moments and the bf16 weight out), so the
+    training step has no weight cast in the forward and no gradient cast in the backward. fp32 parameters:
+    torch's fused AdamW kernel, as ``torch.optim.AdamW(fused=True)``. Same update and defaults as
+    torch's AdamW; honours ``grad_scale`` as the fused optimizers do, so ``clip_grad_norm_in_step_``
+    folds gradient clipping into the step. Gradients of bf16 parameters are bf16: no accumulation of
+    several micro-batches (``--accumulate_grad_batches 1``)."""
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 backend: str = "auto"):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.backend = backend
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        scale = getattr(self, "grad_scale", None)
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            full: List[torch.Tensor] = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if p.dtype == torch.float32:
+                    if not state:
+                        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    full.append(p)
+                    continue
+                if not state:
+                    # The step count as a Python int: bias corrections without reading a device tensor.
+                    state["step"] = 0
+                    start = p.__dict__.pop("_fp32_master", None)  # the weights before bf16_linear_weights_
+                    state["master"] = (p.detach() if start is None else start).float().contiguous()
+                    state["exp_avg"] = torch.zeros_like(state["master"])
+                    state["exp_avg_sq"] = torch.zeros_like(state["master"])
+                state["step"] += 1
+                adamw_master_(p, p.grad, state["master"], state["exp_avg"], state["exp_avg_sq"], lr=lr, beta1=beta1,
+                              beta2=beta2, eps=eps, weight_decay=wd, step=state["step"],
+                              grad_scale=None if scale is None else scale.to(p.device), backend=self.backend)
+            if full:
+                by_device = {}
+                for p in full:
+                    by_device.setdefault(p.device, []).append(p)
+                for device, ps in by_device.items():
+                    steps = [self.state[p]["step"] for p in ps]
+                    torch._foreach_add_(steps, 1)
+                    torch._fused_adamw_(ps, [p.grad for p in ps], [self.state[p]["exp_avg"] for p in ps],
+                                        [self.state[p]["exp_avg_sq"] for p in ps], [], steps, lr=lr, beta1=beta1,
+                                        beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
+                                        grad_scale=None if scale is None else scale.to(device), found_inf=None)
+        return loss
+
+    def load_state_dict(self, state_dict) -> None:
+        # torch's loader casts every floating state tensor to its parameter's dtype: the fp32 masters and
+        # moments of bf16 parameters would come back rounded to bf16. Put the saved fp32 values back.
+        saved = {k: dict(v) for k, v in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for p in params:  # the saved masters replace the initial fp32 weights
+            p.__dict__.pop("_fp32_master", None)
+        for i, st in saved.items():
+            p = params[int(i)]
+            if p.dtype == torch.float32:
+                if torch.is_tensor(self.state[p].get("step")):  # the fused kernel wants it on the device
+                    self.state[p]["step"] = self.state[p]["step"].to(device=p.device, dtype=torch.float32)
+                continue
+            for key in ("master", "exp_avg", "exp_avg_sq"):
+                if key in st:
+                    self.state[p][key] = st[key].to(device=p.device, dtype=torch.float32).contiguous()
+            if "step" in st:
+                self.state[p]["step"] = int(st["step"])
