@@ -31,8 +31,9 @@ def _pair(seed=0):
 
 
 def _grads(full, half, g):
-    gw = torch.randn(37, 53, generator=g).to(torch.bfloat16)  # a bf16 matmul's gradient
-    gv = torch.randn(53, generator=g)
+    dev = full[0].device
+    gw = torch.randn(37, 53, generator=g).to(device=dev, dtype=torch.bfloat16)  # a bf16 matmul's gradient
+    gv = torch.randn(53, generator=g).to(dev)
     full[0].grad, full[1].grad = gw.float(), gv.clone()
     half[0].grad, half[1].grad = gw.clone(), gv.clone()
 
@@ -138,8 +139,6 @@ def test_master_adamw_on_gpu_equals_torch_adamw():
     g = torch.Generator().manual_seed(5)
     for _ in range(6):
         _grads(full, half, g)
-        for p in full + half:
-            p.grad = p.grad.cuda()
         clip_grad_norm_in_step_(ref, full, 0.5)
         clip_grad_norm_in_step_(opt, half, 0.5)
         ref.step()
@@ -179,3 +178,24 @@ def test_bf16_linear_weights_same_loss_and_gradients_under_autocast():
     for n in g0:
         assert torch.equal(g0[n], g1[n]), n
     assert all(dict(half.named_parameters())[n].grad.dtype == torch.bfloat16 for n in names)
+
+
+def test_compile_for_training_tune_kernels_sets_inductor_tuning():
+    import torch._inductor.config as inductor_config
+
+    from torch._functorch import config as functorch_config
+
+    from visualrwkv.train.model import compile_for_training
+
+    def model():  # what compile_for_training touches of a VisualRWKV (compilation itself is lazy)
+        return type("M", (), {"rwkv": random_rwkv6(n_layer=1, n_embd=64, vocab_size=256), "vit": None})()
+
+    before = inductor_config.coordinate_descent_tuning, functorch_config.activation_memory_budget
+    try:
+        inductor_config.coordinate_descent_tuning = False
+        compile_for_training(model(), compile_vit=False, wkv_custom_op=False)
+        assert inductor_config.coordinate_descent_tuning is False
+        compile_for_training(model(), compile_vit=False, wkv_custom_op=False, tune_kernels=True)
+        assert inductor_config.coordinate_descent_tuning is True
+    finally:
+        inductor_config.coordinate_descent_tuning, functorch_config.activation_memory_budget = before

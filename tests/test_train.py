@@ -348,6 +348,7 @@ def test_user_mistakes_one_line_exit_2(env, tmp_path, capsys):
         (_args(env, proj) + ["--weight_decay_final", "0.1"], "--weight_decay_final"),
         (_args(env, proj) + ["--ddp_grad_dtype", "bf16"], "--ddp_grad_dtype"),  # without --strategy ddp
         (_args(env, proj) + ["--master_weights", "1"], "--precision bf16"),  # fp32 training
+        (_args(env, proj) + ["--tune_kernels", "1"], "--compile 1"),
         (_args(env, proj, "--precision", "bf16", "--master_weights", "1", "--accumulate_grad_batches", "2"),
          "--accumulate_grad_batches 1"),
     ]
