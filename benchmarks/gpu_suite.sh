@@ -43,6 +43,10 @@ if [ "$WHAT" = train ] || [ "$WHAT" = all ]; then
   # the time mixing's interpolations: bmm + inductor's kernels vs ops/maa_mix.py's fused kernels, and the step with them
   run maa_mix 120 python3 benchmarks/bench_maa_mix.py --tokens 4096,11800
   run train_stage2_compiled_b05_fused_mix 240 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 0 --steps 3 --warmup 2 --compile 1 --act_budget 0.5 --fused_mix 1
+  # the fastest one-GPU setting (train --master_weights 1 --tune_kernels 1) and its two parts, beside the
+  # train_stage2_compiled_b05 row above: bf16 linear weights with fp32 masters, inductor's kernel tuning
+  run train_stage2_compiled_b05_master 240 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 0 --steps 10 --warmup 3 --compile 1 --act_budget 0.5 --master_weights 1
+  run train_stage2_compiled_b05_master_tuned 400 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 0 --steps 10 --warmup 3 --compile 1 --act_budget 0.5 --master_weights 1 --inductor coordinate_descent_tuning=1
   # the text lengths of the original's sample records, 8 distinct batches
   run train_stage2_compiled_b05_reallen 240 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 0 --steps 8 --warmup 3 --compile 1 --act_budget 0.5 --batches 8 --lengths_from benchmarks/data/llava_sample_lengths.json
   run train_stage2_compiled_b05_longest 240 python3 benchmarks/bench_train_gpu.py --stages 2 --micro_bsz 8 --text_len 1400 --grad_cp 0 --steps 2 --warmup 1 --compile 1 --act_budget 0.5
@@ -62,4 +66,8 @@ if { [ "$WHAT" = ddp ] || [ "$WHAT" = all ]; } && [ "$NGPU" -ge 2 ]; then
   run train_stage2_ddp$NGPU 240 python3 benchmarks/bench_train_gpu.py --lightning --devices "$NGPU" $S2 --grad_cp 1 --steps 3 --warmup 2
   run train_stage2_lightning_1gpu_compiled 200 python3 benchmarks/bench_train_gpu.py --lightning $S2 --grad_cp 0 --act_budget 0.5 --steps 3 --warmup 2 --compile 1
   run train_stage2_ddp${NGPU}_compiled 240 python3 benchmarks/bench_train_gpu.py --lightning --devices "$NGPU" $S2 --grad_cp 0 --act_budget 0.5 --steps 3 --warmup 2 --compile 1
+  # the fastest setting on 1 GPU and on all (bf16 gradients, so a bf16 all-reduce)
+  M="--grad_cp 0 --act_budget 0.5 --compile 1 --master_weights 1 --inductor coordinate_descent_tuning=1"
+  run train_stage2_lightning_1gpu_master_tuned 400 python3 benchmarks/bench_train_gpu.py --lightning $S2 $M --steps 10 --warmup 3
+  run train_stage2_ddp${NGPU}_master_tuned 400 python3 benchmarks/bench_train_gpu.py --lightning --devices "$NGPU" $S2 $M --steps 10 --warmup 3
 fi

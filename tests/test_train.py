@@ -243,6 +243,22 @@ def test_resume_equals_uninterrupted(env, tmp_path, k):
     assert _run(_args(env, part, "--load_model", f"{env}/rwkv.pth", *common, stage1=False)) is None
 
 
+def test_resume_with_master_weights_equals_uninterrupted(env, tmp_path):
+    """--master_weights 1: the fp32 masters and moments come back from last.ckpt in fp32 (not rounded to
+    their bf16 weights' dtype), so a resumed run equals an uninterrupted one step for step."""
+    common = ["--freeze_rwkv", 1, "--epoch_steps", 2, "--epoch_count", 2, "--epoch_save", 1, "--micro_bsz", 2,
+              "--weight_decay", 0.05, "--warmup_steps", 1, "--precision", "bf16", "--master_weights", 1]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    _run(_args(env, full, "--load_model", f"{env}/rwkv.pth", *common, stage1=False))
+    _run(_args(env, part, "--load_model", f"{env}/rwkv.pth", *common, "--max_steps", 3, stage1=False))
+    _run(_args(env, part, "--load_model", f"{env}/rwkv.pth", *common, stage1=False))
+    a, b = _step_losses(full), _step_losses(part)
+    assert len(a) == 4 and a == b
+    x, y = load_state_dict_file(f"{full}/rwkv-1.pth"), load_state_dict_file(f"{part}/rwkv-1.pth")
+    assert x["rwkv.head.weight"].dtype == torch.bfloat16
+    assert x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x)
+
+
 def test_resume_refuses_other_sample_order(env, stage1):
     proj, _ = stage1
     # same proj_dir, other micro-batch size: the saved position would mean other samples
