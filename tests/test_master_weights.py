@@ -149,6 +149,25 @@ def test_master_adamw_on_gpu_equals_torch_adamw():
     torch.testing.assert_close(half[1].detach(), full[1].detach(), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_master_weights_of_a_model_converted_on_the_cpu_then_moved():
+    """As in 'visualrwkv train': the model is built and converted on the CPU, Lightning moves it to the GPU;
+    the masters start on the GPU from the fp32 weights of before the conversion."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32, bias=False)
+    before = lin.weight.detach().clone()
+    bf16_linear_weights_(lin)
+    lin.cuda()
+    opt = MasterAdamW(lin.parameters(), **HP)
+    lin(torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)).float().pow(2).sum().backward()
+    opt.step()
+    master = opt.state[lin.weight]["master"]
+    assert master.device.type == "cuda" and master.dtype == torch.float32
+    assert 0 < float((master.cpu() - before).abs().max()) <= 1.1 * HP["lr"]  # one step from the fp32 start
+    assert torch.equal(lin.weight.detach(), master.to(torch.bfloat16))
+
+
 def test_bf16_linear_weights_same_loss_and_gradients_under_autocast():
     """A tiny RWKV-6 under CPU bf16 autocast: with its trainable linear weights stored in bf16 the loss and
     every gradient equal those of the fp32 weights (autocast computes with the bf16-rounded weight either

@@ -128,8 +128,11 @@ class MasterAdamW(torch.optim.Optimizer):
                 if not state:
                     # The step count as a Python int: bias corrections without reading a device tensor.
                     state["step"] = 0
-                    start = p.__dict__.pop("_fp32_master", None)  # the weights before bf16_linear_weights_
-                    state["master"] = (p.detach() if start is None else start).float().contiguous()
+                    # The weights before bf16_linear_weights_ (where that ran before the model moved to its
+                    # device, e.g. built on the CPU and moved by Lightning, they are still where it ran).
+                    start = p.__dict__.pop("_fp32_master", None)
+                    start = p.detach() if start is None else start
+                    state["master"] = start.to(device=p.device, dtype=torch.float32).contiguous()
                     state["exp_avg"] = torch.zeros_like(state["master"])
                     state["exp_avg_sq"] = torch.zeros_like(state["master"])
                 state["step"] += 1
