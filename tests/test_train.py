@@ -312,16 +312,20 @@ def test_ddp_two_processes_equal_one_with_double_batch(env, tmp_path):
     assert max(100 * fp32_dev, 1e-6) < bf16_dev < 3 * 2 * 2e-3 * 2
 
 
-def test_master_weights_follow_fp32_weights_under_bf16(env, tmp_path):
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_master_weights_follow_fp32_weights_under_bf16(env, tmp_path, accelerator):
     """--master_weights 1 (bf16 linear weights, fp32 masters in the optimizer) against fp32 weights under the
     same bf16 autocast: the same arithmetic, so the same losses step for step and the same weights up to
-    the bf16 rounding of the saved linear weights (the fp32 run's weights rounded to bf16)."""
+    the bf16 rounding of the saved linear weights (the fp32 run's weights rounded to bf16). On a GPU the
+    model is built and converted on the CPU and moved by Lightning, and the optimizer's kernel is Triton's."""
     runs = {}
     for mw in (0, 1):
         proj = str(tmp_path / f"mw{mw}")
         argv = _args(env, proj, "--load_model", f"{env}/rwkv.pth", "--freeze_rwkv", 0, "--epoch_steps", 4,
                      "--epoch_count", 1, "--micro_bsz", 2, "--master_weights", mw, stage1=False)
         argv[argv.index("--precision") + 1] = "bf16"
+        argv[argv.index("--accelerator") + 1] = accelerator
         _run(argv)
         runs[mw] = (_step_losses(proj), load_state_dict_file(f"{proj}/rwkv-0.pth"))
     (l0, w0), (l1, w1) = runs[0], runs[1]
