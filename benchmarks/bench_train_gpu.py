@@ -262,16 +262,14 @@ def time_raw(model, params, batches, a, device) -> float:
     """Seconds per step of a plain loop doing what Lightning's automatic optimization does."""
     # As module.py: fused AdamW on CUDA; bf16 needs no gradient scaler, so the clipping is exact
     # and folded into the fused step.
-    from visualrwkv.train.optim import clip_grad_norm_in_step_
+    from visualrwkv.train.optim import MasterAdamW, clip_grad_norm_in_step_
 
-    from visualrwkv.train.optim import MasterAdamW
-
-    kw = {"fused": True} if device.type == "cuda" else {}
-    if a.master_weights:  # clipping folded into its step, as into the fused AdamW's
-        opt = MasterAdamW(params, lr=1e-5, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
-        kw = {"fused": True}
+    hp = dict(lr=1e-5, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
+    if a.master_weights:
+        opt = MasterAdamW(params, **hp)
     else:
-        opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, **kw)
+        opt = torch.optim.AdamW(params, **hp, **({"fused": True} if device.type == "cuda" else {}))
+    in_step = getattr(opt, "_step_supports_amp_scaling", False)  # clipping folded into the step
     autocast = device.type == "cuda" and a.precision == "bf16-mixed"
 
     turn = [0]
@@ -284,7 +282,7 @@ def time_raw(model, params, batches, a, device) -> float:
                         lengths=batch["lengths"], backend=a.backend, pack=bool(a.pack),
                         splice_numbers=batch["splice_numbers"] if a.host_numbers else None)
         out.loss.backward()
-        if kw:
+        if in_step:
             clip_grad_norm_in_step_(opt, params, 1.0)
         else:
             torch.nn.utils.clip_grad_norm_(params, 1.0)

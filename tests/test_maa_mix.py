@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from visualrwkv.ops.maa_mix import maa_mix, reference_maa_mix
-from utils import outputs_and_grads, random_rwkv6, rel
+from utils import outputs_and_grads, ptxas_for_hopper, random_rwkv6, rel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -92,15 +92,8 @@ def test_fused_kernels_compile_for_hopper_without_spills():
     ptxas: catches what the interpreter does not (types, layouts, tensor-core dot shapes), and register
     spills in bf16 beyond a few words (the row-wise backward's 16 x 64 x 4 tile spills 24 bytes and measured
     fastest on an H100; 32 x 64 x 8 spills 1.4 KB and ran 20x slower)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from visualrwkv.ops import maa_mix as mm
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("triton's bundled ptxas is missing")
     kernels = mm._function().kernels
     for dt, prec in (("bf16", "tf32"), ("fp32", "ieee")):
         for fn, (bm, bc, warps) in zip(kernels, (mm._FWD, mm._BWD_ROWS, mm._BWD_COLS)):
@@ -108,22 +101,12 @@ def test_fused_kernels_compile_for_hopper_without_spills():
             ptrs = {k: f"*{dt}" for k in ("X", "XX", "Hm", "W2", "Out", "DOut", "DX", "DXX", "DH")}
             ptrs.update({k: "*fp32" for k in ("MAA", "DW2", "DMAA")})
             ptrs.update({"M": "i32"}, **{k: "constexpr" for k in consts})
-            sig = {name: ptrs[name] for name in fn.arg_names}
-            kc = {k: v for k, v in consts.items() if k in fn.arg_names}
-            kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=kc),
-                                    target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-            ptx = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"maa_mix_{fn.__name__}_{dt}_{os.getpid()}.ptx")
-            with open(ptx, "w") as f:
-                f.write(kernel.asm["ptx"])
-            try:
-                r = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull],
-                                   capture_output=True, text=True, timeout=120)
-            finally:
-                os.remove(ptx)
-            assert r.returncode == 0, r.stderr[-2000:]
+            code, report = ptxas_for_hopper(fn, {name: ptrs[name] for name in fn.arg_names},
+                                            {k: v for k, v in consts.items() if k in fn.arg_names}, warps)
+            assert code == 0, report[-2000:]
             if dt == "bf16":  # the training precision; fp32's full-precision dots on CUDA cores may spill
-                spilled = [int(m) for m in re.findall(r"(\d+) bytes spill stores", r.stderr)]
-                assert spilled and max(spilled) <= 64, (fn.__name__, dt, r.stderr)
+                spilled = [int(m) for m in re.findall(r"(\d+) bytes spill stores", report)]
+                assert spilled and max(spilled) <= 64, (fn.__name__, dt, report)
 
 
 def test_reference_is_the_time_mix_arithmetic():

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from visualrwkv.ops.norm_gate import norm_gate, reference_norm_gate
-from utils import rel
+from utils import ptxas_for_hopper, rel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,35 +103,19 @@ def test_fused_kernels_match_reference_in_triton_interpreter():
 def test_fused_kernels_compile_for_hopper_without_spills():
     """Ahead-of-time compile of both kernels for sm_90 at the 1.6B shape (bf16 and fp32), through ptxas:
     catches what the interpreter does not (types, layouts, register spills)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from visualrwkv.ops import norm_gate as ng
 
     fwd, bwd = ng._function().kernels
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("triton's bundled ptxas is missing")
     consts = {"C": 2048, "N": 64, "H": 32, "BLOCK_M": ng._BLOCK_M}
     for dt in ("bf16", "fp32"):
         ptrs = {k: f"*{dt}" for k in ("Y", "G", "Out", "DOut", "DY", "DG")}
         ptrs.update({k: "*fp32" for k in ("W", "Bias", "Mean", "Rstd", "DW", "DB")})
         ptrs.update({"M": "i32", "eps": "fp32"}, **{k: "constexpr" for k in consts})
         for fn in (fwd, bwd):
-            sig = {name: ptrs[name] for name in fn.arg_names}
-            kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=dict(consts)),
-                                    target=GPUTarget("cuda", 90, 32), options={"num_warps": ng._NUM_WARPS})
-            ptx = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"norm_gate_{fn.__name__}_{dt}_{os.getpid()}.ptx")
-            with open(ptx, "w") as f:
-                f.write(kernel.asm["ptx"])
-            try:
-                r = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull],
-                                   capture_output=True, text=True, timeout=120)
-            finally:
-                os.remove(ptx)
-            assert r.returncode == 0, r.stderr[-2000:]
-            assert "0 bytes spill stores" in r.stderr, (fn.__name__, dt, r.stderr)
+            code, report = ptxas_for_hopper(fn, {name: ptrs[name] for name in fn.arg_names}, dict(consts),
+                                            ng._NUM_WARPS)
+            assert code == 0, report[-2000:]
+            assert "0 bytes spill stores" in report, (fn.__name__, dt, report)
 
 
 def test_reference_backend_is_the_models_arithmetic():

@@ -56,3 +56,30 @@ def hidden_and_grads(model, x, probe, **kw):
     h, _ = model.forward_hidden(x, need_state=False, **kw)
     (h * probe).sum().backward()
     return h.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def ptxas_for_hopper(fn, signature, constexprs, num_warps):
+    """Compile Triton kernel ``fn`` ahead of time for sm_90 (no GPU needed) and run Triton's bundled ptxas
+    on it; returns (returncode, ptxas's -v report: registers, spills). Skips the test without ptxas."""
+    import os
+    import subprocess
+
+    import pytest
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("triton's bundled ptxas is missing")
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    ptx = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"{fn.__name__}_{os.getpid()}.ptx")
+    with open(ptx, "w") as f:
+        f.write(kernel.asm["ptx"])
+    try:
+        r = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        os.remove(ptx)
+    return r.returncode, r.stderr

@@ -111,6 +111,9 @@ class MasterAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         scale = getattr(self, "grad_scale", None)
+        if scale is not None:  # where the parameters are (training keeps them on one device)
+            first = next((p for g in self.param_groups for p in g["params"] if p.grad is not None), None)
+            scale = scale.to(first.device) if first is not None else scale
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             full: List[torch.Tensor] = []
@@ -137,19 +140,15 @@ class MasterAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(state["master"])
                 state["step"] += 1
                 adamw_master_(p, p.grad, state["master"], state["exp_avg"], state["exp_avg_sq"], lr=lr, beta1=beta1,
-                              beta2=beta2, eps=eps, weight_decay=wd, step=state["step"],
-                              grad_scale=None if scale is None else scale.to(p.device), backend=self.backend)
+                              beta2=beta2, eps=eps, weight_decay=wd, step=state["step"], grad_scale=scale,
+                              backend=self.backend)
             if full:
-                by_device = {}
-                for p in full:
-                    by_device.setdefault(p.device, []).append(p)
-                for device, ps in by_device.items():
-                    steps = [self.state[p]["step"] for p in ps]
-                    torch._foreach_add_(steps, 1)
-                    torch._fused_adamw_(ps, [p.grad for p in ps], [self.state[p]["exp_avg"] for p in ps],
-                                        [self.state[p]["exp_avg_sq"] for p in ps], [], steps, lr=lr, beta1=beta1,
-                                        beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
-                                        grad_scale=None if scale is None else scale.to(device), found_inf=None)
+                steps = [self.state[p]["step"] for p in full]
+                torch._foreach_add_(steps, 1)
+                torch._fused_adamw_(full, [p.grad for p in full], [self.state[p]["exp_avg"] for p in full],
+                                    [self.state[p]["exp_avg_sq"] for p in full], [], steps, lr=lr, beta1=beta1,
+                                    beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
+                                    grad_scale=scale, found_inf=None)
         return loss
 
     def load_state_dict(self, state_dict) -> None:
