@@ -18,6 +18,9 @@ the first quarter of the text (as with ``--image_position middle``), loss on the
     python benchmarks/bench_train_gpu.py --stages 2 --micro_bsz 8 --text_min 100 --text_len 1400 --ragged \
         --grad_cp 0 --compile 1 --act_budget 0.5 --master_weights 1 --inductor coordinate_descent_tuning=1
                                   # the fastest stage 2 (train --master_weights 1 --tune_kernels 1)
+    python benchmarks/bench_train_gpu.py --stages 2 --micro_bsz 8 --text_min 100 --text_len 1400 --ragged \
+        --grad_cp 0 --compile 1 --act_budget 0.5 --master_weights 1 --lightning --devices 4
+                                  # DDP scaling (run --devices 1 beside it; allow ~2 min of start-up)
     python benchmarks/bench_train_gpu.py ... --host_profile 3          # is the step bound by the host? (cProfile)
     python benchmarks/bench_train_gpu.py --tiny                        # small model, runs on the CPU (smoke check)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from visualrwkv.ops.adamw import adamw_master_, reference_adamw_master_
+from visualrwkv.ops.adamw import adamw_master_
 from visualrwkv.train.optim import MasterAdamW, bf16_linear_weights_, clip_grad_norm_in_step_
 from utils import random_rwkv6
 
@@ -130,6 +130,26 @@ def test_triton_kernel_equals_reference_in_interpreter():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_kernel_equals_reference_bit_for_bit_on_gpu():
+    """On the GPU the Triton kernel rounds every operation as the reference's torch kernels do: master,
+    moments and weight equal to the bit at every step (a last-bit difference would make a
+    --master_weights 1 run drift from the fp32-weight run)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n, scale in ((300001, None), (4096, torch.tensor(3.0, device="cuda")), (37, torch.tensor(0.7, device="cuda"))):
+        w = torch.randn(n, generator=g, device="cuda")
+        moments = (torch.randn(n, generator=g, device="cuda") * 1e-3, torch.rand(n, generator=g, device="cuda") * 1e-6)
+        states = [[w.to(torch.bfloat16), w.clone(), moments[0].clone(), moments[1].clone()] for _ in range(2)]
+        for step in (1, 2, 7, 100):
+            grad = (torch.randn(n, generator=g, device="cuda") * 1e-3).to(torch.bfloat16)
+            kw = dict(lr=2e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, step=step, grad_scale=scale)
+            adamw_master_(states[0][0], grad, *states[0][1:], backend="triton", **kw)
+            adamw_master_(states[1][0], grad, *states[1][1:], backend="reference", **kw)
+            for a, b in zip(*states):
+                assert torch.equal(a, b), (n, step)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_master_adamw_on_gpu_equals_torch_adamw():
     full, half = _pair(4)
     full = [nn.Parameter(p.detach().cuda()) for p in full]
@@ -168,11 +188,14 @@ def test_master_weights_of_a_model_converted_on_the_cpu_then_moved():
     assert torch.equal(lin.weight.detach(), master.to(torch.bfloat16))
 
 
-def test_bf16_linear_weights_same_loss_and_gradients_under_autocast():
-    """A tiny RWKV-6 under CPU bf16 autocast: with its trainable linear weights stored in bf16 the loss and
-    every gradient equal those of the fp32 weights (autocast computes with the bf16-rounded weight either
-    way; the fp32 weights' gradients are the bf16 matmul outputs, cast)."""
-    model = random_rwkv6(n_layer=2, n_embd=64, seed=7)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_bf16_linear_weights_same_loss_and_gradients_under_autocast(device):
+    """A tiny RWKV-6 under bf16 autocast (on a GPU: fla's WKV kernels, the fused ln_x + gate): with its
+    trainable linear weights stored in bf16 the loss and every gradient equal those of the fp32 weights
+    (autocast computes with the bf16-rounded weight either way; the fp32 weights' gradients are the bf16
+    matmul outputs, cast)."""
+    model = random_rwkv6(n_layer=2, n_embd=64, seed=7).to(device)
     with torch.no_grad():  # weights representable in bf16, as after the first master-weight step
         for m in model.modules():
             if isinstance(m, nn.Linear):
@@ -183,10 +206,10 @@ def test_bf16_linear_weights_same_loss_and_gradients_under_autocast():
     assert names and all(n.endswith(".weight") for n in names)
     assert "head.weight" in names and not any(n.startswith("emb") for n in names)
     assert all(p.dtype == torch.float32 for n, p in half.named_parameters() if n not in names)
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0)).to(device)
     grads = []
     for m in (model, half):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             logits = m(ids)[0]
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.roll(-1, 1).flatten())
         loss.backward()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Optional
 
+import numpy as np
 import torch
 
 ADAMW_BACKENDS = ("reference", "triton")
@@ -52,17 +53,23 @@ def _kernel():
         import triton.language as tl
 
         @triton.jit
-        def adamw_master_kernel(P, G, W, M, V, S, n, lr, beta1, beta2, eps, decay, step_size, bc2_sqrt,
+        def adamw_master_kernel(P, G, W, M, V, S, n, beta1, c1, beta2, c2, eps, decay, neg_step_size, inv_bc2,
                                 HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+            # The reference's operations in its order, each rounded as torch's CUDA kernels round it
+            # (launched without fp fusion: IEEE division and square root, and a fused multiply-add exactly
+            # where torch's a + alpha * b, a + alpha * (b * c) and a + alpha * (b / c) compile to one), so
+            # the step equals the reference, and the fp32-weight run, bit for bit (measured on an H100).
+            # A last-bit difference moves a bf16 weight by an ulp now and then, and training drifts.
             offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
             mask = offs < n
             g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_SCALE:
-                g = g / tl.load(S)
+                g = tl.div_rn(g, tl.load(S))
             w = tl.load(W + offs, mask=mask, other=0.0) * decay
-            m = beta1 * tl.load(M + offs, mask=mask, other=0.0) + (1.0 - beta1) * g
-            v = beta2 * tl.load(V + offs, mask=mask, other=0.0) + (1.0 - beta2) * g * g
-            w = w - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
+            m = tl.fma(g, c1, tl.load(M + offs, mask=mask, other=0.0) * beta1)
+            v = tl.fma(g * g, c2, tl.load(V + offs, mask=mask, other=0.0) * beta2)
+            denom = tl.sqrt_rn(v) * inv_bc2 + eps
+            w = tl.fma(tl.div_rn(m, denom), neg_step_size, w)
             tl.store(W + offs, w, mask=mask)
             tl.store(M + offs, m, mask=mask)
             tl.store(V + offs, v, mask=mask)
@@ -72,14 +79,22 @@ def _kernel():
     return _KERNEL
 
 
+def _f32(x: float) -> float:
+    """x rounded to fp32, as torch passes a Python scalar to an fp32 kernel."""
+    return float(np.float32(x))
+
+
 def _triton_adamw_master_(param, grad, master, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,
                           grad_scale=None) -> None:
     n = param.numel()
     scale = grad_scale if grad_scale is not None else master  # a placeholder pointer when unused
-    _kernel()[(-(-n // _BLOCK),)](param, grad.contiguous(), master, exp_avg, exp_avg_sq, scale, n, lr, beta1, beta2,
-                                  eps, 1.0 - lr * weight_decay, lr / (1.0 - beta1 ** step),
-                                  (1.0 - beta2 ** step) ** 0.5, HAS_SCALE=grad_scale is not None, BLOCK=_BLOCK,
-                                  num_warps=8)
+    # The scalars as the reference's torch ops get them: fp32-rounded Python doubles; torch divides by a
+    # Python scalar as a product with its reciprocal (taken in double, then rounded).
+    _kernel()[(-(-n // _BLOCK),)](param, grad.contiguous(), master, exp_avg, exp_avg_sq, scale, n, _f32(beta1),
+                                  _f32(1.0 - beta1), _f32(beta2), _f32(1.0 - beta2), _f32(eps),
+                                  _f32(1.0 - lr * weight_decay), _f32(-lr / (1.0 - beta1 ** step)),
+                                  _f32(1.0 / (1.0 - beta2 ** step) ** 0.5), HAS_SCALE=grad_scale is not None,
+                                  BLOCK=_BLOCK, num_warps=8, enable_fp_fusion=False)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
