@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib.util
 from typing import Optional
 
-import numpy as np
 import torch
 
 ADAMW_BACKENDS = ("reference", "triton")
@@ -79,21 +78,16 @@ def _kernel():
     return _KERNEL
 
 
-def _f32(x: float) -> float:
-    """x rounded to fp32, as torch passes a Python scalar to an fp32 kernel."""
-    return float(np.float32(x))
-
-
 def _triton_adamw_master_(param, grad, master, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps, weight_decay, step,
                           grad_scale=None) -> None:
     n = param.numel()
     scale = grad_scale if grad_scale is not None else master  # a placeholder pointer when unused
-    # The scalars as the reference's torch ops get them: fp32-rounded Python doubles; torch divides by a
-    # Python scalar as a product with its reciprocal (taken in double, then rounded).
-    _kernel()[(-(-n // _BLOCK),)](param, grad.contiguous(), master, exp_avg, exp_avg_sq, scale, n, _f32(beta1),
-                                  _f32(1.0 - beta1), _f32(beta2), _f32(1.0 - beta2), _f32(eps),
-                                  _f32(1.0 - lr * weight_decay), _f32(-lr / (1.0 - beta1 ** step)),
-                                  _f32(1.0 / (1.0 - beta2 ** step) ** 0.5), HAS_SCALE=grad_scale is not None,
+    # The scalars as the reference's torch ops get them: Python doubles that reach the kernel rounded to
+    # fp32 (Triton passes a float argument as fp32, as torch passes a scalar to an fp32 kernel); torch divides
+    # by a Python scalar as a product with its reciprocal, taken in double before that rounding.
+    _kernel()[(-(-n // _BLOCK),)](param, grad.contiguous(), master, exp_avg, exp_avg_sq, scale, n, beta1, 1.0 - beta1,
+                                  beta2, 1.0 - beta2, eps, 1.0 - lr * weight_decay, -lr / (1.0 - beta1 ** step),
+                                  1.0 / (1.0 - beta2 ** step) ** 0.5, HAS_SCALE=grad_scale is not None,
                                   BLOCK=_BLOCK, num_warps=8, enable_fp_fusion=False)
 
 
