@@ -37,6 +37,7 @@ samples/s, tokens/s (real tokens with the image tokens, padding not counted) and
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import gc
 import os
@@ -363,7 +364,8 @@ def time_lightning(model, batches, a, device) -> float:
 
     cpu = [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
     profiled = a.profile and device.type == "cuda"
-    n = a.warmup + a.steps + int(profiled)  # the profiled step comes after the timed ones
+    counted = device.type == "cuda"  # one more step with CUDA sync debugging on, after the timed ones
+    n = a.warmup + a.steps + int(counted) + int(profiled)  # then the profiled step
     # The batches in turn (batch_size=None: no collation); Lightning moves each to the GPU, as in training.
     loader = torch.utils.data.DataLoader([cpu[i % len(cpu)] for i in range(n)], batch_size=None,
                                          pin_memory=device.type == "cuda")
@@ -375,12 +377,23 @@ def time_lightning(model, batches, a, device) -> float:
 
     class Timer(pl.Callback):
         prof = None
+        caught = None
 
         def on_train_batch_start(self, trainer, pl_module, b, batch_idx):
             if batch_idx == a.warmup:
                 sync(device)
                 self.t0 = time.perf_counter()
-            if batch_idx == a.warmup + a.steps:  # with --profile: one more step, profiled
+            if counted and batch_idx == a.warmup + a.steps:
+                # Every host-device synchronisation in one whole Lightning step (hooks, loop, optimizer):
+                # each one drains the GPU's queue, which then idles while the host launches again.
+                import warnings
+
+                sync(device)
+                self.caught = warnings.catch_warnings(record=True)
+                self.warned = self.caught.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+            if batch_idx == a.warmup + a.steps + int(counted):  # with --profile: one more step, profiled
                 from torch.profiler import ProfilerActivity, profile
 
                 sync(device)
@@ -391,9 +404,25 @@ def time_lightning(model, batches, a, device) -> float:
         def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx):
             # after the optimizer step (automatic optimization)
             if batch_idx == a.warmup + a.steps - 1:
+                # Nothing in the timed steps waits for the GPU unless the loop syncs, so the host's time
+                # to queue them is close to the step time only when it is CPU-bound (or the queue is full).
+                host = (time.perf_counter() - self.t0) / a.steps
                 sync(device)
                 self.dt = (time.perf_counter() - self.t0) / a.steps
-            if self.prof is not None and batch_idx == a.warmup + a.steps:
+                if trainer.global_rank == 0:
+                    print(f"  host time to queue one step: {host * 1e3:.1f} ms of {self.dt * 1e3:.1f} ms",
+                          file=sys.stderr, flush=True)
+            if self.caught is not None and batch_idx == a.warmup + a.steps:
+                torch.cuda.set_sync_debug_mode("default")
+                self.caught.__exit__(None, None, None)
+                self.caught = None
+                where = collections.Counter(f"{w.filename.split('site-packages/')[-1]}:{w.lineno}"
+                                            for w in self.warned if "synchroniz" in str(w.message))
+                if trainer.global_rank == 0:
+                    print(f"  host-device synchronisations in one Lightning step: {sum(where.values())}"
+                          + "".join(f"\n    {c} x {loc}" for loc, c in where.most_common(6)), file=sys.stderr,
+                          flush=True)
+            if self.prof is not None and batch_idx == a.warmup + a.steps + int(counted):
                 sync(device)
                 wall = time.perf_counter() - self.tp
                 self.prof.__exit__(None, None, None)

@@ -8,7 +8,7 @@ from typing import Iterable, List
 import torch
 from torch import nn
 
-from visualrwkv.ops.adamw import adamw_master_
+from visualrwkv.ops.adamw import adamw_master_, bias_corrections, resolve_backend
 
 
 def _drop_grad_scale(optimizer, args, kwargs) -> None:
@@ -30,15 +30,17 @@ def clip_grad_norm_in_step_(optimizer: torch.optim.Optimizer, params: Iterable[t
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    if any(g.dtype != torch.float32 for g in grads):
-        # bf16 gradients (--master_weights 1): each tensor's norm in fp32, as from the fp32 gradients they
-        # would otherwise be cast to (a bf16 result would round every per-tensor norm).
-        norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
-        norm = torch.linalg.vector_norm(torch.stack(norms))
-    elif hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-    else:
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    # Sums of squares in float64, where bf16 and fp32 values square exactly and the summation order (the
+    # multi-tensor kernel's differs by dtype) moves the result by ~1e-16: the norm, rounded to fp32, is the
+    # same for bf16 gradients (--master_weights 1) as for the same values in fp32, so both runs clip alike.
+    by_dtype = {}
+    for i, g in enumerate(grads):
+        by_dtype.setdefault((g.device, g.dtype), []).append(i)
+    norms: List[torch.Tensor] = [None] * len(grads)
+    for idx in by_dtype.values():
+        for i, n in zip(idx, torch._foreach_norm([grads[i] for i in idx], 2, dtype=torch.float64)):
+            norms[i] = n
+    norm = torch.linalg.vector_norm(torch.stack([n.to(grads[0].device) for n in norms])).float()
     optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)
     if not getattr(optimizer, "_clip_hook_registered", False):
         optimizer.register_step_post_hook(_drop_grad_scale)
@@ -89,7 +91,7 @@ class MasterAdamW(torch.optim.Optimizer):
     """AdamW that keeps an fp32 master copy of every parameter stored in a lower precision
     (``--master_weights 1`` with bf16 autocast; ``bf16_linear_weights_`` makes such parameters).
 
-    bf16 parameters: fp32 master, moments and step in this optimizer's state; one pass per tensor
+    bf16 parameters: fp32 master, moments and step in this optimizer's state; one pass over each tensor
     (``ops.adamw.adamw_master_``: bf16 gradient in, master, moments and the bf16 weight out), so the
     training step has no weight cast in the forward and no gradient cast in the backward. fp32 parameters:
     torch's fused AdamW kernel, as ``torch.optim.AdamW(fused=True)``. Same update and defaults as
@@ -117,6 +119,7 @@ class MasterAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             full: List[torch.Tensor] = []
+            low: dict = {}  # (step count, device) -> the lower-precision parameters at it (usually all)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -139,9 +142,16 @@ class MasterAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(state["master"])
                     state["exp_avg_sq"] = torch.zeros_like(state["master"])
                 state["step"] += 1
-                adamw_master_(p, p.grad, state["master"], state["exp_avg"], state["exp_avg_sq"], lr=lr, beta1=beta1,
-                              beta2=beta2, eps=eps, weight_decay=wd, step=state["step"], grad_scale=scale,
-                              backend=self.backend)
+                low.setdefault((state["step"], p.device), []).append(p)
+            for (step, device), ps in low.items():
+                # the Triton kernel's bias corrections, made once for all of them (the reference's are doubles)
+                bias = bias_corrections(beta1, beta2, step, device) \
+                    if resolve_backend(self.backend, device) == "triton" else None
+                for p in ps:
+                    st = self.state[p]
+                    adamw_master_(p, p.grad, st["master"], st["exp_avg"], st["exp_avg_sq"], lr=lr, beta1=beta1,
+                                  beta2=beta2, eps=eps, weight_decay=wd, step=step, grad_scale=scale, bias=bias,
+                                  backend=self.backend)
             if full:
                 steps = [self.state[p]["step"] for p in full]
                 torch._foreach_add_(steps, 1)

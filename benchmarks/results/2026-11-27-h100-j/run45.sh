@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Tenth session (nvidia-h100-x1): the GPU test with the reference's tolerances fixed, then stage 2 through
+# Lightning with master weights, this tree (fused-AdamW-exact kernel, float64 multi-tensor clipping norms)
+# against b117574's package (.devrun/old: per-tensor norms, the old kernel) alternately on one card.
+# Carry [".whl", ".kcache", ".devrun"].
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/fla_core*.whl .whl/flash_linear*.whl .whl/einops*.whl .whl/pyrwkv*.whl .whl/pytest*.whl .whl/pluggy*.whl .whl/iniconfig*.whl .whl/pygments*.whl || exit 1
+for k in .kcache/kcache*.tar.xz; do tar xJf $k; done
+touch /tmp/marker
+export TRITON_CACHE_DIR=$PWD/.kernel_cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.kernel_cache/inductor PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
+PYTHONPATH=/tmp/site:$PWD timeout -k 5 120 python3 -m pytest -v --tb=short -p no:cacheprovider tests/test_master_weights.py < /dev/null > $OUT/gpu_test.txt 2>&1
+nvidia-smi --query-gpu=name --format=csv,noheader > $OUT/s2.txt
+S2="--stages 2 --micro_bsz 8 --text_min 100 --text_len 1400 --ragged --grad_cp 0 --compile 1 --act_budget 0.5 --steps 20 --warmup 3 --master_weights 1 --lightning"
+i=0
+for tree in . .devrun/old . .devrun/old; do
+  i=$((i+1)); echo "## $tree" >> $OUT/s2.txt
+  timeout -k 5 100 python3 $tree/benchmarks/bench_train_gpu.py $S2 < /dev/null > /tmp/log 2>&1; cp /tmp/log $OUT/log$i.txt
+  pkill -9 -f compile_worker; grep -E "^ +2 |warm-up step 1|host time|synchronisations|^    [0-9]+ x |Error" /tmp/log >> $OUT/s2.txt
+done
+find .kernel_cache -newer /tmp/marker -type f | tar cJf $OUT/kcache_new.tar.xz -T - 2>/dev/null
+grep -E "passed|failed|^E |FAILED" $OUT/gpu_test.txt | head -30; cat $OUT/s2.txt
