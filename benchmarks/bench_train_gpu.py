@@ -16,8 +16,9 @@ the first quarter of the text (as with ``--image_position middle``), loss on the
         --lengths_from benchmarks/data/llava_sample_lengths.json --batches 8   # real record lengths, 8 batches
     python benchmarks/bench_train_gpu.py --fla_sync_free 0             # fla's own state pass (host syncs)
     python benchmarks/bench_train_gpu.py --stages 2 --micro_bsz 8 --text_min 100 --text_len 1400 --ragged \
-        --grad_cp 0 --compile 1 --act_budget 0.5 --master_weights 1 --inductor coordinate_descent_tuning=1
-                                  # the fastest stage 2 (train --master_weights 1 --tune_kernels 1)
+        --grad_cp 0 --compile 1 --act_budget 0.5 --master_weights 1 --lightning
+                                  # the fastest stage 2, as 'visualrwkv train --master_weights 1' runs it
+                                  # (+ --inductor coordinate_descent_tuning=1: train --tune_kernels 1)
     python benchmarks/bench_train_gpu.py --stages 2 --micro_bsz 8 --text_min 100 --text_len 1400 --ragged \
         --grad_cp 0 --compile 1 --act_budget 0.5 --master_weights 1 --lightning --devices 4
                                   # DDP scaling (run --devices 1 beside it; allow ~2 min of start-up)
