@@ -1,8 +1,8 @@
 """bf16 linear weights with fp32 master copies (``--master_weights 1``): the optimizer's update equals
 torch's AdamW on the fp32 weights, its state survives a save/load in fp32, the Triton kernel follows the
 torch reference (Triton's CPU interpreter) and equals torch's fused AdamW bit for bit (GPU), the model
-computes the same loss and gradients as with fp32
-weights under bf16 autocast, and ``visualrwkv train`` with it follows the fp32-weight run."""
+computes the same loss and gradients as with fp32 weights under bf16 autocast, and ``visualrwkv train``
+with it follows the fp32-weight run."""
 import copy
 import importlib.util
 import os
