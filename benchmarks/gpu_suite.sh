@@ -43,8 +43,8 @@ if [ "$WHAT" = train ] || [ "$WHAT" = all ]; then
   # the time mixing's interpolations: bmm + inductor's kernels vs ops/maa_mix.py's fused kernels, and the step with them
   run maa_mix 120 python3 benchmarks/bench_maa_mix.py --tokens 4096,11800
   run train_stage2_compiled_b05_fused_mix 240 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 0 --steps 3 --warmup 2 --compile 1 --act_budget 0.5 --fused_mix 1
-  # the fastest one-GPU setting (train --master_weights 1 --tune_kernels 1) and its two parts, beside the
-  # train_stage2_compiled_b05 row above: bf16 linear weights with fp32 masters, inductor's kernel tuning
+  # beside the train_stage2_compiled_b05 row above: bf16 linear weights with fp32 masters (the fastest one-GPU
+  # setting, train --master_weights 1), then with inductor's kernel tuning (train --tune_kernels 1)
   run train_stage2_compiled_b05_master 240 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 0 --steps 10 --warmup 3 --compile 1 --act_budget 0.5 --master_weights 1
   run train_stage2_compiled_b05_master_tuned 400 python3 benchmarks/bench_train_gpu.py $S2 --grad_cp 0 --steps 10 --warmup 3 --compile 1 --act_budget 0.5 --master_weights 1 --inductor coordinate_descent_tuning=1
   # the text lengths of the original's sample records, 8 distinct batches
@@ -66,7 +66,7 @@ if { [ "$WHAT" = ddp ] || [ "$WHAT" = all ]; } && [ "$NGPU" -ge 2 ]; then
   run train_stage2_ddp$NGPU 240 python3 benchmarks/bench_train_gpu.py --lightning --devices "$NGPU" $S2 --grad_cp 1 --steps 3 --warmup 2
   run train_stage2_lightning_1gpu_compiled 200 python3 benchmarks/bench_train_gpu.py --lightning $S2 --grad_cp 0 --act_budget 0.5 --steps 3 --warmup 2 --compile 1
   run train_stage2_ddp${NGPU}_compiled 240 python3 benchmarks/bench_train_gpu.py --lightning --devices "$NGPU" $S2 --grad_cp 0 --act_budget 0.5 --steps 3 --warmup 2 --compile 1
-  # the fastest setting on 1 GPU and on all (bf16 gradients, so a bf16 all-reduce)
+  # master weights with kernel tuning on 1 GPU and on all (bf16 gradients, so a bf16 all-reduce)
   M="--grad_cp 0 --act_budget 0.5 --compile 1 --master_weights 1 --inductor coordinate_descent_tuning=1"
   run train_stage2_lightning_1gpu_master_tuned 400 python3 benchmarks/bench_train_gpu.py --lightning $S2 $M --steps 10 --warmup 3
   run train_stage2_ddp${NGPU}_master_tuned 400 python3 benchmarks/bench_train_gpu.py --lightning --devices "$NGPU" $S2 $M --steps 10 --warmup 3

@@ -191,8 +191,9 @@ def compile_for_training(model, act_budget: float = 1.0, compile_vit: bool = Tru
     unfused version with its neighbours; ``bench_train_gpu.py --fused_mix 0/1``, same call), 5.4 GiB less.
 
     tune_kernels (``--tune_kernels``): inductor's coordinate-descent tuning of its generated kernels'
-    block sizes and warps (process-wide, read when the graphs compile). On an H100, 1.6B stage 2 with
-    ``--master_weights 1``: 316.6 ms per step against 322.0 (same call); ~2.5 minutes more compilation."""
+    block sizes and warps (process-wide, read when the graphs compile); ~2.5 minutes more compilation. On an
+    H100, 1.6B stage 2 with ``--master_weights 1``: 316.6 ms per step against 322.0 in one call, but
+    319.1 / 325.5 against 321.3 / 321.6 through Lightning in a later one: no consistent gain."""
     import torch._dynamo
     import torch._inductor.config as inductor_config
     from torch._functorch import config as functorch_config

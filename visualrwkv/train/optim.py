@@ -130,7 +130,7 @@ class MasterAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             full: List[torch.Tensor] = []
-            low: dict = {}  # (step count, device) -> the lower-precision parameters at it (usually all)
+            bias: dict = {}  # (step count, device) -> the Triton kernel's bias corrections, made once for all
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -153,16 +153,13 @@ class MasterAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(state["master"])
                     state["exp_avg_sq"] = torch.zeros_like(state["master"])
                 state["step"] += 1
-                low.setdefault((state["step"], p.device), []).append(p)
-            for (step, device), ps in low.items():
-                # the Triton kernel's bias corrections, made once for all of them (the reference's are doubles)
-                bias = bias_corrections(beta1, beta2, step, device) \
-                    if resolve_backend(self.backend, device) == "triton" else None
-                for p in ps:
-                    st = self.state[p]
-                    adamw_master_(p, p.grad, st["master"], st["exp_avg"], st["exp_avg_sq"], lr=lr, beta1=beta1,
-                                  beta2=beta2, eps=eps, weight_decay=wd, step=step, grad_scale=scale, bias=bias,
-                                  backend=self.backend)
+                key = (state["step"], p.device)
+                if key not in bias:  # (the reference takes them in double)
+                    bias[key] = bias_corrections(beta1, beta2, state["step"], p.device) \
+                        if resolve_backend(self.backend, p.device) == "triton" else None
+                adamw_master_(p, p.grad, state["master"], state["exp_avg"], state["exp_avg_sq"], lr=lr, beta1=beta1,
+                              beta2=beta2, eps=eps, weight_decay=wd, step=state["step"], grad_scale=scale,
+                              bias=bias[key], backend=self.backend)
             if full:
                 steps = [self.state[p]["step"] for p in full]
                 torch._foreach_add_(steps, 1)
