@@ -99,6 +99,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--wkv_op", type=int, choices=[0, 1], default=1,
                    help="with --compile 1: packed WKV calls as custom ops inside the compiled graphs (1, the "
                         "default of train --compile 1) or behind a graph break (0, the baseline)")
+    p.add_argument("--wkv_keep", type=int, choices=[0, 1], default=0,
+                   help="with --wkv_op 1: the WKV forward keeps fla's chunk states and cumulative decays for the "
+                        "backward (1) or the backward computes them again as fla does (0, the baseline)")
     p.add_argument("--act_estimator", choices=["flops", "profile"], default="flops",
                    help="with --act_budget: how the partitioner prices recomputation (torch._functorch "
                         "activation_memory_budget_runtime_estimator): flop counts (elementwise ops look free) "
@@ -330,19 +333,31 @@ def time_raw(model, params, batches, a, device) -> float:
         import pstats
 
         prof = cProfile.Profile()
-        with stance():
+        # The backward's Python (custom ops' backward, compiled graphs' wrappers) normally runs on autograd's
+        # device thread, which cProfile does not see; without autograd's threads it runs on this one.
+        with stance(), torch.autograd.set_multithreading_enabled(False):
             prof.enable()
             for _ in range(a.host_profile):
                 step()
             prof.disable()
             sync(device)
         text = io.StringIO()
-        # The backward's Python (custom ops' backward, compiled graphs' wrappers) runs on autograd's device
-        # thread, which cProfile does not see: it is inside run_backward's time here.
-        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
-        pstats.Stats(prof, stream=text).sort_stats("cumtime").print_stats(20)
-        print(f"host profile of {a.host_profile} steps (cProfile; own time, then time with callees):", flush=True)
-        print("\n".join(line[:200] for line in text.getvalue().splitlines() if line.strip()), flush=True)
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(40)
+        pstats.Stats(prof, stream=text).sort_stats("cumtime").print_stats(40)
+        print(f"host profile of {a.host_profile} steps (cProfile, backward on this thread; own time, then time "
+              f"with callees):", flush=True)
+        print("\n".join(line[:220] for line in text.getvalue().splitlines() if line.strip()), flush=True)
+        if device.type == "cuda":
+            # The same steps as torch.profiler sees them on the CPU, every thread: operators by own CPU time.
+            from torch.profiler import ProfilerActivity, profile
+
+            with stance(), profile(activities=[ProfilerActivity.CPU]) as tprof:
+                for _ in range(a.host_profile):
+                    step()
+                sync(device)
+            print(f"host operators over {a.host_profile} steps (torch.profiler, CPU):", flush=True)
+            print(tprof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90),
+                  flush=True)
     if a.profile and device.type == "cuda":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from gpu_profile import count_syncs, profile_table
@@ -501,6 +516,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         compile_for_training(model, 1.0 if a.act_budget is None else a.act_budget, compile_vit=bool(a.compile_vit),
                              fused_norm_gate=bool(a.fused_norm_gate), wkv_custom_op=bool(a.wkv_op),
+                             wkv_keep_states=bool(a.wkv_keep),
                              fused_mix=bool(a.fused_mix))
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -514,6 +530,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{'' if a.fla_sync_free else 'fla state pass with host sync; '}"
           f"{'fused ln_x + gate; ' if a.compile and a.fused_norm_gate else ''}"
           f"{'WKV as custom ops; ' if a.compile and a.wkv_op else ''}"
+          f"{'WKV chunk states kept; ' if a.compile and a.wkv_op and a.wkv_keep else ''}"
           f"{'bf16 linear weights + fp32 masters; ' if a.master_weights else ''}"
           f"{'inductor ' + a.inductor + '; ' if a.inductor else ''}"
           f"{'lightning' if a.lightning else 'plain loop'}; built in {time.perf_counter() - t0:.0f}s")

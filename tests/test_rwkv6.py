@@ -191,15 +191,18 @@ def test_compiled_blocks_match_eager_on_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_compiled_blocks_train_like_eager_on_gpu():
+@pytest.mark.parametrize("options", [{}, {"wkv_custom_op": True}, {"wkv_custom_op": True, "wkv_keep_states": True}],
+                         ids=["graph-break", "custom-op", "custom-op-kept-states"])
+def test_compiled_blocks_train_like_eager_on_gpu(options):
     """Training path of --compile 1: packed sequences (cu_seqlens) through the compiled blocks, the
-    log-decay traced into the graph and fla's kernel called opaquely: outputs and every parameter's
-    gradient equal the eager blocks'."""
+    log-decay traced into the graph and fla's kernel called opaquely (behind a graph break, or as custom
+    ops, with or without the chunk states kept for backward): outputs and every parameter's gradient
+    equal the eager blocks'."""
     import copy
 
     torch._dynamo.reset()
     eager = random_rwkv6(n_layer=2, n_embd=128).cuda().train()
-    comp = copy.deepcopy(eager).compile_blocks()
+    comp = copy.deepcopy(eager).compile_blocks(**options)
     gen = torch.Generator(device="cuda").manual_seed(0)
     cu = torch.tensor([0, 37, 100, 163], device="cuda")  # three sequences of odd lengths in one row
     x = torch.randn(1, 163, 128, device="cuda", generator=gen)

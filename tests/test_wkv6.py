@@ -305,15 +305,17 @@ def test_fla_packed_custom_ops_plumbing_with_stand_in_kernels(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_fla_packed_custom_ops_equal_flas_function_on_gpu():
-    """The custom-op route gives fla's own results bit for bit (same kernels), eagerly and compiled."""
+@pytest.mark.parametrize("keep_states", [False, True])
+def test_fla_packed_custom_ops_equal_flas_function_on_gpu(keep_states):
+    """The custom-op route gives fla's own results bit for bit (same kernels), eagerly and compiled;
+    with the chunk states kept from the forward too (the backward skips their recomputation)."""
     from visualrwkv.ops import fla_available
     from visualrwkv.ops.wkv6 import _fla_packed_ops, prepare_packed, wkv6_fla_packed_op
 
     if not fla_available():
         pytest.skip("flash-linear-attention is not installed")
-    ops = _fla_packed_ops()
-    assert ops is not None
+    ops = _fla_packed_ops(keep_states)
+    assert ops is not None and ops.op_name.endswith("_keep_fwd" if keep_states else "packed_fwd")
     torch.manual_seed(0)
     dev, H, N = "cuda", 32, 64
     lens = [577, 130, 1, 640]

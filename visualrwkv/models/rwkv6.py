@@ -163,7 +163,8 @@ class RWKV6(nn.Module):
         return self
 
     def compile_blocks(self, dynamic: bool = True, fused_norm_gate: bool = False,
-                       wkv_custom_op: bool = False, fused_mix: bool = False) -> "RWKV6":
+                       wkv_custom_op: bool = False, fused_mix: bool = False,
+                       wkv_keep_states: bool = False) -> "RWKV6":
         """Compile each block with torch.compile (GPU training/prefill): fuses the token shift,
         LoRA mixes, norms and gates into few kernels. The WKV kernel itself runs uncompiled.
 
@@ -174,13 +175,15 @@ class RWKV6(nn.Module):
         instead of a graph break around them (``ops.wkv6.compilable_wkv6``); training's default
         (``compile_for_training``).
         fused_mix: the time mixing's LoRA output and five interpolations as the fused Triton kernels of
-        ``ops.maa_mix`` (CUDA tensors; custom ops inside the graph); opt-in until measured."""
+        ``ops.maa_mix`` (CUDA tensors; custom ops inside the graph); opt-in until measured.
+        wkv_keep_states: with wkv_custom_op, the WKV forward keeps fla's chunk states and cumulative decays
+        for the backward instead of computing them again there (``ops.wkv6._fla_packed_ops``)."""
         from visualrwkv.ops.maa_mix import fused_maa_mix_fn
         from visualrwkv.ops.norm_gate import fused_norm_gate_fn, norm_gate
         from visualrwkv.ops.partition import KeepOutputs
         from visualrwkv.ops.wkv6 import compilable_wkv6
 
-        wkv_fn = compilable_wkv6(custom_op=wkv_custom_op)
+        wkv_fn = compilable_wkv6(custom_op=wkv_custom_op, keep_states=wkv_keep_states)
         gate_fn = fused_norm_gate_fn() if fused_norm_gate else norm_gate
         mix_fn = fused_maa_mix_fn() if fused_mix else None
         # The custom kernels' forward outputs are kept, never recomputed (ops/partition.py).

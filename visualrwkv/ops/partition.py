@@ -23,7 +23,8 @@ from torch.utils.checkpoint import CheckpointPolicy
 __all__ = ["KeepOutputs", "KERNEL_FORWARD_OPS"]
 
 # The forward custom ops whose outputs training keeps (ops/wkv6.py, ops/norm_gate.py).
-KERNEL_FORWARD_OPS = ("visualrwkv::wkv6_fla_packed_fwd", "visualrwkv::norm_gate_fwd")
+KERNEL_FORWARD_OPS = ("visualrwkv::wkv6_fla_packed_fwd", "visualrwkv::wkv6_fla_packed_keep_fwd",
+                      "visualrwkv::norm_gate_fwd")
 
 
 class KeepOutputs(CustomGraphPass):

@@ -22,7 +22,7 @@ Backends (chosen by the explicit ``backend`` argument, never by the environment)
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -253,8 +253,32 @@ _FLA_BWD_PARAMS = ("q", "k", "v", "g", "u", "scale", "initial_state", "A", "do",
                    "chunk_size", "chunk_indices")
 
 
-@functools.lru_cache(maxsize=1)
-def _fla_packed_ops():
+# ... and the pieces chunk_rwkv6_fwd/bwd are made of, which the kept-states ops call one by one.
+_FLA_PIECES = {
+    "chunk_rwkv6_fwd_cumsum": ("g", "chunk_size", "scale", "cu_seqlens", "chunk_indices"),
+    "chunk_fwd_h": ("k", "v", "g", "g_gamma", "gk", "gv", "h0", "output_final_state", "state_v_first",
+                    "cu_seqlens", "chunk_size", "split_size", "states_in_fp32"),
+    "chunk_rwkv6_fwd_intra": ("q", "k", "gi", "ge", "u", "scale", "cu_seqlens", "chunk_size", "chunk_indices"),
+    "chunk_gla_fwd_o_gk": ("q", "v", "g", "A", "h", "scale", "state_v_first", "cu_seqlens", "chunk_size",
+                           "chunk_indices", "use_graph"),
+    "chunk_rwkv6_bwd_dh": ("q", "k", "v", "gi", "ge", "do", "h0", "dht", "scale", "cu_seqlens", "chunk_size",
+                           "states_in_fp32", "chunk_indices"),
+    "chunk_gla_bwd_dA": ("v", "do", "scale", "cu_seqlens", "chunk_size", "chunk_indices"),
+    "chunk_gla_bwd_dv": ("k", "g", "A", "do", "dh", "state_v_first", "cu_seqlens", "chunk_size", "chunk_indices"),
+    "chunk_rwkv6_bwd_dqk_intra": ("q", "k", "gi", "ge", "dA", "cu_seqlens", "chunk_size", "chunk_indices"),
+    "chunk_rwkv6_bwd_dqkgu": ("q", "k", "v", "h", "g", "gi", "ge", "u", "do", "dh", "dA", "dq", "dk", "scale",
+                              "cu_seqlens", "chunk_size", "chunk_indices"),
+}
+
+
+def _params(fn) -> tuple:
+    import inspect
+
+    return tuple(inspect.signature(inspect.unwrap(fn)).parameters)
+
+
+@functools.lru_cache(maxsize=2)
+def _fla_packed_ops(keep_states: bool = False):
     """fla's packed RWKV-6 forward and backward as ``torch.library`` custom ops, or None when fla is
     missing or its entry points differ from fla-core 0.6.0's.
 
@@ -262,73 +286,126 @@ def _fla_packed_ops():
     compiled block into two graphs, each entered and left in forward and backward; as custom ops the
     block is one graph with the kernels as opaque nodes (as ``norm_gate``). Training calls only: packed
     (cu_seqlens), no initial or final state. Returns ``apply(r, k, v, g, u, cu_seqlens) -> o`` with
-    g = -exp(w) in float32, r, k, v (1, T, H, N), u (H, N)."""
+    g = -exp(w) in float32, r, k, v (1, T, H, N), u (H, N).
+
+    keep_states: the forward also returns what fla's backward would compute again — the chunk-wise
+    cumulative decays gi, ge (1, T, H, N) float32 and the per-chunk states h (1, NS, H, N, N) float32 —
+    and the backward takes them: two of its kernels (the cumsum and the state pass, each as long as in
+    the forward) are not run again, for 3 x (T, C) float32 more saved per layer. The same kernels on
+    the same inputs, so the results equal fla's to the bit. Needs the sync-free state pass
+    (``fla_varlen``): its h has a row count computable from the shapes (``max_split_chunks``), which the
+    op's fake needs; else None."""
     import contextlib
-    import inspect
+
+    from visualrwkv.ops import fla_varlen
 
     if not fla_available():
         return None
-    _fla_chunk_rwkv6()  # the sync-free state pass
+    sync_free = _fla_chunk_rwkv6() is not None and fla_varlen.install()  # the sync-free state pass
     from fla.ops.rwkv6 import chunk as fla_chunk
     from fla.ops.utils import prepare_chunk_indices
 
     from visualrwkv.ops.fla_varlen import FLA_RWKV6_CHUNK as chunk_size
 
-    if (tuple(inspect.signature(fla_chunk.chunk_rwkv6_fwd).parameters) != _FLA_FWD_PARAMS
-            or tuple(inspect.signature(fla_chunk.chunk_rwkv6_bwd).parameters) != _FLA_BWD_PARAMS):
+    if _params(fla_chunk.chunk_rwkv6_fwd) != _FLA_FWD_PARAMS or _params(fla_chunk.chunk_rwkv6_bwd) != _FLA_BWD_PARAMS:
         return None
+    if keep_states:
+        if not sync_free or any(_params(getattr(fla_chunk, name, None) or (lambda: None)) != params
+                                for name, params in _FLA_PIECES.items()):
+            return None
+        from fla.ops.utils.constant import RCP_LN2
 
     def on_device(t):  # fla's kernels launch on the current CUDA device (its input_guard sets it)
         return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
-    @torch.library.custom_op("visualrwkv::wkv6_fla_packed_fwd", mutates_args=())
+    suffix = "_keep" if keep_states else ""
+
+    def n_state_rows(T, n_seqs):  # rows of h that the sync-free state pass allocates
+        return fla_varlen.max_split_chunks(T, n_seqs, chunk_size)
+
+    @torch.library.custom_op(f"visualrwkv::wkv6_fla_packed{suffix}_fwd", mutates_args=())
     def fwd(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
-            cu_seqlens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+            cu_seqlens: torch.Tensor) -> List[torch.Tensor]:
         r, k, v, g, u = (t.contiguous() for t in (r, k, v, g, u))
         with on_device(r):
             # chunk_indices: fla's memo, filled from host numbers by prepare_packed (else fla builds it).
-            A, _, _, o = fla_chunk.chunk_rwkv6_fwd(
-                q=r, k=k, v=v, g=g, u=u, scale=1.0, initial_state=None, output_final_state=False,
-                cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-                chunk_indices=prepare_chunk_indices(cu_seqlens, chunk_size))
-        return o, A
+            idx = prepare_chunk_indices(cu_seqlens, chunk_size)
+            if not keep_states:
+                A, _, _, o = fla_chunk.chunk_rwkv6_fwd(
+                    q=r, k=k, v=v, g=g, u=u, scale=1.0, initial_state=None, output_final_state=False,
+                    cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=idx)
+                return [o, A]
+            # chunk_rwkv6_fwd's steps, as fla-core 0.6.0 runs them.
+            gi, ge = fla_chunk.chunk_rwkv6_fwd_cumsum(g, chunk_size=chunk_size, scale=RCP_LN2,
+                                                      cu_seqlens=cu_seqlens, chunk_indices=idx)
+            h, _ = fla_chunk.chunk_fwd_h(k=k, v=v, g=None, gk=gi, gv=None, h0=None, output_final_state=False,
+                                         cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=True)
+            if h.shape[1] != n_state_rows(k.shape[1], cu_seqlens.numel() - 1):
+                raise RuntimeError("wkv6 kept states: fla's state pass is not the sync-free one this was built for")
+            A = fla_chunk.chunk_rwkv6_fwd_intra(q=r, k=k, gi=gi, ge=ge, u=u, scale=1.0, cu_seqlens=cu_seqlens,
+                                                chunk_size=chunk_size, chunk_indices=idx)
+            o = fla_chunk.chunk_gla_fwd_o_gk(q=r, v=v, g=ge, A=A, h=h, scale=1.0, cu_seqlens=cu_seqlens,
+                                             chunk_size=chunk_size, chunk_indices=idx)
+            return [o, A, gi, ge, h]
 
     @fwd.register_fake
     def _(r, k, v, g, u, cu_seqlens):
-        # o: like v; A: (B, T, H, chunk) float32, the intra-chunk attention fla keeps for backward.
-        return (torch.empty_like(v, memory_format=torch.contiguous_format),
-                r.new_empty(*r.shape[:3], chunk_size, dtype=torch.float32))
+        # o: like v; A: (1, T, H, chunk) float32, the intra-chunk attention fla keeps for backward;
+        # kept states: gi, ge like g (float32), h (1, NS, H, N, N) float32.
+        B, T, H, N = r.shape
+        out = [torch.empty_like(v, memory_format=torch.contiguous_format),
+               r.new_empty(B, T, H, chunk_size, dtype=torch.float32)]
+        if keep_states:
+            out += [torch.empty_like(g, memory_format=torch.contiguous_format),
+                    torch.empty_like(g, memory_format=torch.contiguous_format),
+                    r.new_empty(B, n_state_rows(T, cu_seqlens.shape[0] - 1), H, N, v.shape[-1],
+                                dtype=torch.float32)]
+        return out
 
-    @torch.library.custom_op("visualrwkv::wkv6_fla_packed_bwd", mutates_args=())
+    @torch.library.custom_op(f"visualrwkv::wkv6_fla_packed{suffix}_bwd", mutates_args=())
     def bwd(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
-            A: torch.Tensor, do: torch.Tensor, cu_seqlens: torch.Tensor
+            saved: List[torch.Tensor], do: torch.Tensor, cu_seqlens: torch.Tensor
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         r, k, v, g, u, do = (t.contiguous() for t in (r, k, v, g, u, do))
         with on_device(r):
-            dq, dk, dv, dg, du, _ = fla_chunk.chunk_rwkv6_bwd(
-                q=r, k=k, v=v, g=g, u=u, scale=1.0, initial_state=None, A=A, do=do, dht=None,
-                cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-                chunk_indices=prepare_chunk_indices(cu_seqlens, chunk_size))
+            idx = prepare_chunk_indices(cu_seqlens, chunk_size)
+            if not keep_states:
+                dq, dk, dv, dg, du, _ = fla_chunk.chunk_rwkv6_bwd(
+                    q=r, k=k, v=v, g=g, u=u, scale=1.0, initial_state=None, A=saved[0], do=do, dht=None,
+                    cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=idx)
+            else:
+                # chunk_rwkv6_bwd's steps after its recomputation of gi, ge and h.
+                A, gi, ge, h = saved
+                common = dict(cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=idx)
+                dh, _ = fla_chunk.chunk_rwkv6_bwd_dh(q=r, k=k, v=v, gi=gi, ge=ge, do=do, h0=None, dht=None,
+                                                     scale=1.0, states_in_fp32=True, **common)
+                dA = fla_chunk.chunk_gla_bwd_dA(v=v, do=do, scale=1.0, **common)
+                dv = fla_chunk.chunk_gla_bwd_dv(k=k, g=gi, A=A, do=do, dh=dh, **common)
+                dq, dk = fla_chunk.chunk_rwkv6_bwd_dqk_intra(q=r, k=k, gi=gi, ge=ge, dA=dA, **common)
+                dq, dk, dg, du = fla_chunk.chunk_rwkv6_bwd_dqkgu(q=r, k=k, v=v, h=h, g=g, gi=gi, ge=ge, u=u, do=do,
+                                                                 dh=dh, dA=dA, dq=dq, dk=dk, scale=1.0, **common)
         return dq.to(r.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), du.to(u.dtype)
 
     @bwd.register_fake
-    def _(r, k, v, g, u, A, do, cu_seqlens):
+    def _(r, k, v, g, u, saved, do, cu_seqlens):
         return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (r, k, v, g, u))
 
     def setup_context(ctx, inputs, output):
         r, k, v, g, u, cu_seqlens = inputs
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(r, k, v, g, u, output[1], cu_seqlens)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(r, k, v, g, u, cu_seqlens, *output[1:])
 
-    def backward(ctx, do, _dA):
-        r, k, v, g, u, A, cu_seqlens = ctx.saved_tensors
-        return (*bwd(r, k, v, g, u, A, do, cu_seqlens), None)
+    def backward(ctx, grads):
+        # grads: one per output of the list; only o's is used (the rest are not differentiable).
+        r, k, v, g, u, cu_seqlens, *saved = ctx.saved_tensors
+        return (*bwd(r, k, v, g, u, saved, grads[0], cu_seqlens), None)
 
     fwd.register_autograd(backward, setup_context=setup_context)
 
     def apply(r, k, v, g, u, cu_seqlens):
         return fwd(r, k, v, g, u, cu_seqlens)[0]
 
+    apply.op_name = f"visualrwkv::wkv6_fla_packed{suffix}_fwd"
     return apply
 
 
@@ -340,7 +417,7 @@ def wkv6_fla_packed_op(r, k, v, w, u, cu_seqlens, ops=None):
     return ops(r, k, v, g, u, cu_seqlens).to(r.dtype)
 
 
-def compilable_wkv6(custom_op: bool = False):
+def compilable_wkv6(custom_op: bool = False, keep_states: bool = False):
     """``wkv6`` for code that torch.compile traces (``RWKV6.compile_blocks``).
 
     Only the kernel call is left out of the graph: on CUDA with fla, the log-decay ``-exp(w)``
@@ -350,12 +427,14 @@ def compilable_wkv6(custom_op: bool = False):
     have data-dependent loops). fla is looked up once, here, not inside the traced code.
 
     custom_op: packed calls without state (training) go through ``_fla_packed_ops`` (custom ops inside
-    the graph, no graph break); other calls as above. The default of training's ``--compile 1`` (``--wkv_op 1``)."""
+    the graph, no graph break); other calls as above. The default of training's ``--compile 1`` (``--wkv_op 1``).
+    keep_states: with custom_op, the forward keeps the chunk states for the backward (``_fla_packed_ops``);
+    where that variant is unavailable, the recomputing one runs."""
     opaque = torch.compiler.disable(wkv6)
     kernel = ops = None
     if fla_available():
         kernel = torch.compiler.disable(_fla_chunk_rwkv6())
-        ops = _fla_packed_ops() if custom_op else None
+        ops = (keep_states and _fla_packed_ops(True) or _fla_packed_ops()) if custom_op else None
 
     def fn(r, k, v, w, u, initial_state=None, output_final_state=False, backend="auto", chunk_size=16,
            cu_seqlens=None):
