@@ -99,9 +99,10 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--wkv_op", type=int, choices=[0, 1], default=1,
                    help="with --compile 1: packed WKV calls as custom ops inside the compiled graphs (1, the "
                         "default of train --compile 1) or behind a graph break (0, the baseline)")
-    p.add_argument("--wkv_keep", type=int, choices=[0, 1], default=0,
+    p.add_argument("--wkv_keep", type=int, choices=[0, 1], default=1,
                    help="with --wkv_op 1: the WKV forward keeps fla's chunk states and cumulative decays for the "
-                        "backward (1) or the backward computes them again as fla does (0, the baseline)")
+                        "backward (1, as train's --wkv_keep_states 1) or the backward computes them again as fla "
+                        "does (0, the baseline)")
     p.add_argument("--act_estimator", choices=["flops", "profile"], default="flops",
                    help="with --act_budget: how the partitioner prices recomputation (torch._functorch "
                         "activation_memory_budget_runtime_estimator): flop counts (elementwise ops look free) "

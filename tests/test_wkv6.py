@@ -303,6 +303,44 @@ def test_fla_packed_custom_ops_plumbing_with_stand_in_kernels(monkeypatch):
     assert seen and all(seen)
 
 
+def test_fla_kept_states_ops_fake_shapes_and_autograd():
+    # The kept-states variant's fakes (what torch.compile traces): its extra outputs are shaped from the
+    # input shapes alone, h with the sync-free state pass's row bound, and its backward pairs with the
+    # forward. Fake tensors only, so it runs wherever fla imports; the real kernels: the GPU test below.
+    pytest.importorskip("triton")
+    try:
+        import fla.ops.rwkv6.chunk  # noqa: F401
+    except Exception:
+        pytest.skip("flash-linear-attention is not importable here")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from visualrwkv.ops.fla_varlen import max_split_chunks
+    from visualrwkv.ops.wkv6 import _fla_packed_ops, wkv6_fla_packed_op
+
+    ops = _fla_packed_ops(True)
+    assert ops is not None and ops.op_name == "visualrwkv::wkv6_fla_packed_keep_fwd"
+    assert _fla_packed_ops() is _fla_packed_ops(False) is not ops
+    T, H, N, S = 300, 4, 64, 3
+    with FakeTensorMode(shape_env=ShapeEnv()):
+        xs = [torch.empty(1, T, H, N, dtype=torch.bfloat16).requires_grad_() for _ in range(4)]
+        u = torch.empty(H, N).requires_grad_()
+        cu = torch.empty(S + 1, dtype=torch.int64)
+        o, A, gi, ge, h = torch.ops.visualrwkv.wkv6_fla_packed_keep_fwd(*xs, u, cu)
+        assert o.shape == (1, T, H, N) and A.shape == (1, T, H, 64) and A.dtype == torch.float32
+        assert gi.shape == ge.shape == (1, T, H, N) and gi.dtype == torch.float32
+        assert h.shape == (1, max_split_chunks(T, S, 64), H, N, N) and h.dtype == torch.float32
+        y = wkv6_fla_packed_op(*xs, u, cu, ops)
+        y.float().sum().backward()
+        assert all(x.grad.shape == x.shape for x in xs) and u.grad.shape == u.shape
+    # Symbolic shapes (as dynamic=True compiles): h's rows follow T and the number of sequences.
+    graph = make_fx(lambda *a: torch.ops.visualrwkv.wkv6_fla_packed_keep_fwd(*a), tracing_mode="symbolic")(
+        *[torch.randn(1, T, H, N) for _ in range(4)], torch.randn(H, N), torch.tensor([0, 100, 200, T]))
+    shapes = [n.meta["val"].shape for n in graph.graph.nodes if n.op == "call_function" and "getitem" in str(n.target)]
+    assert len(shapes) == 5 and len(shapes[4]) == 5 and not str(shapes[4][1]).isdigit()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("keep_states", [False, True])

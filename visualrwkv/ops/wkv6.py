@@ -277,8 +277,14 @@ def _params(fn) -> tuple:
     return tuple(inspect.signature(inspect.unwrap(fn)).parameters)
 
 
-@functools.lru_cache(maxsize=2)
 def _fla_packed_ops(keep_states: bool = False):
+    """The custom ops of ``_build_fla_packed_ops``, built once per variant (``_fla_packed_ops()`` and
+    ``_fla_packed_ops(False)`` are the same ops: a second build would register their names twice)."""
+    return _build_fla_packed_ops(bool(keep_states))
+
+
+@functools.lru_cache(maxsize=2)
+def _build_fla_packed_ops(keep_states: bool):
     """fla's packed RWKV-6 forward and backward as ``torch.library`` custom ops, or None when fla is
     missing or its entry points differ from fla-core 0.6.0's.
 
@@ -288,13 +294,90 @@ def _fla_packed_ops(keep_states: bool = False):
     (cu_seqlens), no initial or final state. Returns ``apply(r, k, v, g, u, cu_seqlens) -> o`` with
     g = -exp(w) in float32, r, k, v (1, T, H, N), u (H, N).
 
-    keep_states: the forward also returns what fla's backward would compute again — the chunk-wise
-    cumulative decays gi, ge (1, T, H, N) float32 and the per-chunk states h (1, NS, H, N, N) float32 —
-    and the backward takes them: two of its kernels (the cumsum and the state pass, each as long as in
-    the forward) are not run again, for 3 x (T, C) float32 more saved per layer. The same kernels on
-    the same inputs, so the results equal fla's to the bit. Needs the sync-free state pass
-    (``fla_varlen``): its h has a row count computable from the shapes (``max_split_chunks``), which the
-    op's fake needs; else None."""
+    keep_states: the variant of ``_fla_kept_states_ops`` (the forward keeps what the backward would
+    compute again), or None where it is unavailable."""
+    if keep_states:
+        return _fla_kept_states_ops()
+    import contextlib
+    import inspect
+
+    if not fla_available():
+        return None
+    _fla_chunk_rwkv6()  # the sync-free state pass
+    from fla.ops.rwkv6 import chunk as fla_chunk
+    from fla.ops.utils import prepare_chunk_indices
+
+    from visualrwkv.ops.fla_varlen import FLA_RWKV6_CHUNK as chunk_size
+
+    if (tuple(inspect.signature(fla_chunk.chunk_rwkv6_fwd).parameters) != _FLA_FWD_PARAMS
+            or tuple(inspect.signature(fla_chunk.chunk_rwkv6_bwd).parameters) != _FLA_BWD_PARAMS):
+        return None
+
+    def on_device(t):  # fla's kernels launch on the current CUDA device (its input_guard sets it)
+        return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+    @torch.library.custom_op("visualrwkv::wkv6_fla_packed_fwd", mutates_args=())
+    def fwd(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+            cu_seqlens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        r, k, v, g, u = (t.contiguous() for t in (r, k, v, g, u))
+        with on_device(r):
+            # chunk_indices: fla's memo, filled from host numbers by prepare_packed (else fla builds it).
+            A, _, _, o = fla_chunk.chunk_rwkv6_fwd(
+                q=r, k=k, v=v, g=g, u=u, scale=1.0, initial_state=None, output_final_state=False,
+                cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                chunk_indices=prepare_chunk_indices(cu_seqlens, chunk_size))
+        return o, A
+
+    @fwd.register_fake
+    def _(r, k, v, g, u, cu_seqlens):
+        # o: like v; A: (B, T, H, chunk) float32, the intra-chunk attention fla keeps for backward.
+        return (torch.empty_like(v, memory_format=torch.contiguous_format),
+                r.new_empty(*r.shape[:3], chunk_size, dtype=torch.float32))
+
+    @torch.library.custom_op("visualrwkv::wkv6_fla_packed_bwd", mutates_args=())
+    def bwd(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+            A: torch.Tensor, do: torch.Tensor, cu_seqlens: torch.Tensor
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        r, k, v, g, u, do = (t.contiguous() for t in (r, k, v, g, u, do))
+        with on_device(r):
+            dq, dk, dv, dg, du, _ = fla_chunk.chunk_rwkv6_bwd(
+                q=r, k=k, v=v, g=g, u=u, scale=1.0, initial_state=None, A=A, do=do, dht=None,
+                cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                chunk_indices=prepare_chunk_indices(cu_seqlens, chunk_size))
+        return dq.to(r.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), du.to(u.dtype)
+
+    @bwd.register_fake
+    def _(r, k, v, g, u, A, do, cu_seqlens):
+        return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (r, k, v, g, u))
+
+    def setup_context(ctx, inputs, output):
+        r, k, v, g, u, cu_seqlens = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(r, k, v, g, u, output[1], cu_seqlens)
+
+    def backward(ctx, do, _dA):
+        r, k, v, g, u, A, cu_seqlens = ctx.saved_tensors
+        return (*bwd(r, k, v, g, u, A, do, cu_seqlens), None)
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+
+    def apply(r, k, v, g, u, cu_seqlens):
+        return fwd(r, k, v, g, u, cu_seqlens)[0]
+
+    apply.op_name = "visualrwkv::wkv6_fla_packed_fwd"
+    return apply
+
+
+
+def _fla_kept_states_ops():
+    """Like ``_build_fla_packed_ops(False)``, but the forward also returns what fla's backward would
+    compute again — the chunk-wise cumulative decays gi, ge (1, T, H, N) float32 and the per-chunk
+    states h (1, NS, H, N, N) float32 — and the backward takes them: two of its kernels (the cumsum and
+    the state pass, each as long as in the forward) are not run again, for 3 x (T, C) float32 more saved
+    per layer. The same kernels on the same inputs, so the results equal fla's to the bit. Needs the
+    sync-free state pass (``fla_varlen``): its h has a row count computable from the shapes
+    (``max_split_chunks``), which the op's fake needs; else None. H100, 1.6B stage 2: WKV kernels
+    59.6 ms per step instead of 64.8 (``benchmarks/results/2026-11-27-h100-k``)."""
     import contextlib
 
     from visualrwkv.ops import fla_varlen
@@ -304,37 +387,27 @@ def _fla_packed_ops(keep_states: bool = False):
     sync_free = _fla_chunk_rwkv6() is not None and fla_varlen.install()  # the sync-free state pass
     from fla.ops.rwkv6 import chunk as fla_chunk
     from fla.ops.utils import prepare_chunk_indices
+    from fla.ops.utils.constant import RCP_LN2
 
     from visualrwkv.ops.fla_varlen import FLA_RWKV6_CHUNK as chunk_size
 
-    if _params(fla_chunk.chunk_rwkv6_fwd) != _FLA_FWD_PARAMS or _params(fla_chunk.chunk_rwkv6_bwd) != _FLA_BWD_PARAMS:
+    if not sync_free or any(_params(getattr(fla_chunk, name, None) or (lambda: None)) != params
+                            for name, params in _FLA_PIECES.items()):
         return None
-    if keep_states:
-        if not sync_free or any(_params(getattr(fla_chunk, name, None) or (lambda: None)) != params
-                                for name, params in _FLA_PIECES.items()):
-            return None
-        from fla.ops.utils.constant import RCP_LN2
 
     def on_device(t):  # fla's kernels launch on the current CUDA device (its input_guard sets it)
         return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
-    suffix = "_keep" if keep_states else ""
-
     def n_state_rows(T, n_seqs):  # rows of h that the sync-free state pass allocates
         return fla_varlen.max_split_chunks(T, n_seqs, chunk_size)
 
-    @torch.library.custom_op(f"visualrwkv::wkv6_fla_packed{suffix}_fwd", mutates_args=())
+    @torch.library.custom_op("visualrwkv::wkv6_fla_packed_keep_fwd", mutates_args=())
     def fwd(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
             cu_seqlens: torch.Tensor) -> List[torch.Tensor]:
         r, k, v, g, u = (t.contiguous() for t in (r, k, v, g, u))
         with on_device(r):
             # chunk_indices: fla's memo, filled from host numbers by prepare_packed (else fla builds it).
             idx = prepare_chunk_indices(cu_seqlens, chunk_size)
-            if not keep_states:
-                A, _, _, o = fla_chunk.chunk_rwkv6_fwd(
-                    q=r, k=k, v=v, g=g, u=u, scale=1.0, initial_state=None, output_final_state=False,
-                    cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=idx)
-                return [o, A]
             # chunk_rwkv6_fwd's steps, as fla-core 0.6.0 runs them.
             gi, ge = fla_chunk.chunk_rwkv6_fwd_cumsum(g, chunk_size=chunk_size, scale=RCP_LN2,
                                                       cu_seqlens=cu_seqlens, chunk_indices=idx)
@@ -350,40 +423,32 @@ def _fla_packed_ops(keep_states: bool = False):
 
     @fwd.register_fake
     def _(r, k, v, g, u, cu_seqlens):
-        # o: like v; A: (1, T, H, chunk) float32, the intra-chunk attention fla keeps for backward;
-        # kept states: gi, ge like g (float32), h (1, NS, H, N, N) float32.
+        # o: like v; A: (1, T, H, chunk) float32, the intra-chunk attention; gi, ge like g (float32);
+        # h (1, NS, H, N, N) float32.
         B, T, H, N = r.shape
-        out = [torch.empty_like(v, memory_format=torch.contiguous_format),
-               r.new_empty(B, T, H, chunk_size, dtype=torch.float32)]
-        if keep_states:
-            out += [torch.empty_like(g, memory_format=torch.contiguous_format),
-                    torch.empty_like(g, memory_format=torch.contiguous_format),
-                    r.new_empty(B, n_state_rows(T, cu_seqlens.shape[0] - 1), H, N, v.shape[-1],
-                                dtype=torch.float32)]
-        return out
+        return [torch.empty_like(v, memory_format=torch.contiguous_format),
+                r.new_empty(B, T, H, chunk_size, dtype=torch.float32),
+                torch.empty_like(g, dtype=torch.float32, memory_format=torch.contiguous_format),
+                torch.empty_like(g, dtype=torch.float32, memory_format=torch.contiguous_format),
+                r.new_empty(B, n_state_rows(T, cu_seqlens.shape[0] - 1), H, N, v.shape[-1], dtype=torch.float32)]
 
-    @torch.library.custom_op(f"visualrwkv::wkv6_fla_packed{suffix}_bwd", mutates_args=())
+    @torch.library.custom_op("visualrwkv::wkv6_fla_packed_keep_bwd", mutates_args=())
     def bwd(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
             saved: List[torch.Tensor], do: torch.Tensor, cu_seqlens: torch.Tensor
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         r, k, v, g, u, do = (t.contiguous() for t in (r, k, v, g, u, do))
         with on_device(r):
-            idx = prepare_chunk_indices(cu_seqlens, chunk_size)
-            if not keep_states:
-                dq, dk, dv, dg, du, _ = fla_chunk.chunk_rwkv6_bwd(
-                    q=r, k=k, v=v, g=g, u=u, scale=1.0, initial_state=None, A=saved[0], do=do, dht=None,
-                    cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=idx)
-            else:
-                # chunk_rwkv6_bwd's steps after its recomputation of gi, ge and h.
-                A, gi, ge, h = saved
-                common = dict(cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=idx)
-                dh, _ = fla_chunk.chunk_rwkv6_bwd_dh(q=r, k=k, v=v, gi=gi, ge=ge, do=do, h0=None, dht=None,
-                                                     scale=1.0, states_in_fp32=True, **common)
-                dA = fla_chunk.chunk_gla_bwd_dA(v=v, do=do, scale=1.0, **common)
-                dv = fla_chunk.chunk_gla_bwd_dv(k=k, g=gi, A=A, do=do, dh=dh, **common)
-                dq, dk = fla_chunk.chunk_rwkv6_bwd_dqk_intra(q=r, k=k, gi=gi, ge=ge, dA=dA, **common)
-                dq, dk, dg, du = fla_chunk.chunk_rwkv6_bwd_dqkgu(q=r, k=k, v=v, h=h, g=g, gi=gi, ge=ge, u=u, do=do,
-                                                                 dh=dh, dA=dA, dq=dq, dk=dk, scale=1.0, **common)
+            # chunk_rwkv6_bwd's steps after its recomputation of gi, ge and h.
+            A, gi, ge, h = saved
+            common = dict(cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                          chunk_indices=prepare_chunk_indices(cu_seqlens, chunk_size))
+            dh, _ = fla_chunk.chunk_rwkv6_bwd_dh(q=r, k=k, v=v, gi=gi, ge=ge, do=do, h0=None, dht=None,
+                                                 scale=1.0, states_in_fp32=True, **common)
+            dA = fla_chunk.chunk_gla_bwd_dA(v=v, do=do, scale=1.0, **common)
+            dv = fla_chunk.chunk_gla_bwd_dv(k=k, g=gi, A=A, do=do, dh=dh, **common)
+            dq, dk = fla_chunk.chunk_rwkv6_bwd_dqk_intra(q=r, k=k, gi=gi, ge=ge, dA=dA, **common)
+            dq, dk, dg, du = fla_chunk.chunk_rwkv6_bwd_dqkgu(q=r, k=k, v=v, h=h, g=g, gi=gi, ge=ge, u=u, do=do,
+                                                             dh=dh, dA=dA, dq=dq, dk=dk, scale=1.0, **common)
         return dq.to(r.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), du.to(u.dtype)
 
     @bwd.register_fake
@@ -405,7 +470,7 @@ def _fla_packed_ops(keep_states: bool = False):
     def apply(r, k, v, g, u, cu_seqlens):
         return fwd(r, k, v, g, u, cu_seqlens)[0]
 
-    apply.op_name = f"visualrwkv::wkv6_fla_packed{suffix}_fwd"
+    apply.op_name = "visualrwkv::wkv6_fla_packed_keep_fwd"
     return apply
 
 

@@ -287,7 +287,8 @@ def train(cfg: TrainConfig) -> Optional[TrainResult]:
         if not cuda:
             raise UserError("--compile 1 needs a CUDA GPU (torch.compile of the blocks is for GPU training)")
         compile_for_training(model, cfg.act_budget, fused_norm_gate=bool(cfg.fused_norm_gate),
-                             wkv_custom_op=bool(cfg.wkv_op), tune_kernels=bool(cfg.tune_kernels))
+                             wkv_custom_op=bool(cfg.wkv_op), wkv_keep_states=bool(cfg.wkv_keep_states),
+                             tune_kernels=bool(cfg.tune_kernels))
     add_input_dropout(model, cfg.dropout)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())

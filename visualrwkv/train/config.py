@@ -148,6 +148,7 @@ class TrainConfig:
     act_budget: float = 1.0  # with --compile 1: fraction of the blocks' activations kept for backward
     fused_norm_gate: int = 1  # with --compile 1: ln_x + gate as fused Triton kernels (0 = inductor's GroupNorm)
     wkv_op: int = 1  # with --compile 1: fla's WKV kernels as custom ops inside the block graphs (0 = graph break)
+    wkv_keep_states: int = 1  # with --wkv_op 1: fla's chunk states kept from the WKV forward for its backward
     tune_kernels: int = 0  # with --compile 1: inductor's coordinate-descent tuning of its Triton kernels
     # ---- hardware
     accelerator: str = "auto"
@@ -301,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --compile 1: packed WKV calls as custom ops inside the compiled block graphs, their "
                         "outputs kept for backward (1; a 1.6B stage-2 step on an H100 335 ms instead of 361, "
                         "45.2 GiB instead of 50.8); 0: a graph break around fla's kernels in every layer")
+    g.add_argument("--wkv_keep_states", type=int, default=d.wkv_keep_states, choices=[0, 1],
+                   help="with --wkv_op 1: the WKV forward keeps fla's chunk states and cumulative decays for the "
+                        "backward instead of computing them again there (1; same results to the bit; a 1.6B "
+                        "stage-2 step on an H100 ~313 ms instead of ~317, 54.2 GiB instead of 47.7); 0: recompute")
     g.add_argument("--tune_kernels", type=int, default=d.tune_kernels, choices=[0, 1],
                    help="with --compile 1: tune the block size and warps of every generated Triton kernel by "
                         "coordinate descent (torch._inductor.config.coordinate_descent_tuning): about 2.5 more "
