@@ -272,9 +272,17 @@ _FLA_PIECES = {
 
 
 def _params(fn) -> tuple:
+    """A function's parameter names (() for None: a piece this fla version lacks)."""
     import inspect
 
-    return tuple(inspect.signature(inspect.unwrap(fn)).parameters)
+    return () if fn is None else tuple(inspect.signature(inspect.unwrap(fn)).parameters)
+
+
+def _on_device(t: torch.Tensor):
+    """fla's kernels launch on the current CUDA device (its input_guard sets it): make it t's."""
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _fla_packed_ops(keep_states: bool = False):
@@ -298,7 +306,6 @@ def _build_fla_packed_ops(keep_states: bool):
     compute again), or None where it is unavailable."""
     if keep_states:
         return _fla_kept_states_ops()
-    import contextlib
     import inspect
 
     if not fla_available():
@@ -313,14 +320,11 @@ def _build_fla_packed_ops(keep_states: bool):
             or tuple(inspect.signature(fla_chunk.chunk_rwkv6_bwd).parameters) != _FLA_BWD_PARAMS):
         return None
 
-    def on_device(t):  # fla's kernels launch on the current CUDA device (its input_guard sets it)
-        return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
     @torch.library.custom_op("visualrwkv::wkv6_fla_packed_fwd", mutates_args=())
     def fwd(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
             cu_seqlens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         r, k, v, g, u = (t.contiguous() for t in (r, k, v, g, u))
-        with on_device(r):
+        with _on_device(r):
             # chunk_indices: fla's memo, filled from host numbers by prepare_packed (else fla builds it).
             A, _, _, o = fla_chunk.chunk_rwkv6_fwd(
                 q=r, k=k, v=v, g=g, u=u, scale=1.0, initial_state=None, output_final_state=False,
@@ -339,7 +343,7 @@ def _build_fla_packed_ops(keep_states: bool):
             A: torch.Tensor, do: torch.Tensor, cu_seqlens: torch.Tensor
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         r, k, v, g, u, do = (t.contiguous() for t in (r, k, v, g, u, do))
-        with on_device(r):
+        with _on_device(r):
             dq, dk, dv, dg, du, _ = fla_chunk.chunk_rwkv6_bwd(
                 q=r, k=k, v=v, g=g, u=u, scale=1.0, initial_state=None, A=A, do=do, dht=None,
                 cu_seqlens=cu_seqlens, chunk_size=chunk_size,
@@ -368,7 +372,6 @@ def _build_fla_packed_ops(keep_states: bool):
     return apply
 
 
-
 def _fla_kept_states_ops():
     """Like ``_build_fla_packed_ops(False)``, but the forward also returns what fla's backward would
     compute again — the chunk-wise cumulative decays gi, ge (1, T, H, N) float32 and the per-chunk
@@ -378,25 +381,20 @@ def _fla_kept_states_ops():
     sync-free state pass (``fla_varlen``): its h has a row count computable from the shapes
     (``max_split_chunks``), which the op's fake needs; else None. H100, 1.6B stage 2: WKV kernels
     59.6 ms per step instead of 64.8 (``benchmarks/results/2026-11-27-h100-k``)."""
-    import contextlib
-
     from visualrwkv.ops import fla_varlen
 
     if not fla_available():
         return None
-    sync_free = _fla_chunk_rwkv6() is not None and fla_varlen.install()  # the sync-free state pass
+    _fla_chunk_rwkv6()  # registers the sync-free state pass
     from fla.ops.rwkv6 import chunk as fla_chunk
     from fla.ops.utils import prepare_chunk_indices
     from fla.ops.utils.constant import RCP_LN2
 
     from visualrwkv.ops.fla_varlen import FLA_RWKV6_CHUNK as chunk_size
 
-    if not sync_free or any(_params(getattr(fla_chunk, name, None) or (lambda: None)) != params
-                            for name, params in _FLA_PIECES.items()):
+    if not fla_varlen.install() or any(_params(getattr(fla_chunk, name, None)) != params
+                                       for name, params in _FLA_PIECES.items()):
         return None
-
-    def on_device(t):  # fla's kernels launch on the current CUDA device (its input_guard sets it)
-        return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
     def n_state_rows(T, n_seqs):  # rows of h that the sync-free state pass allocates
         return fla_varlen.max_split_chunks(T, n_seqs, chunk_size)
@@ -405,7 +403,7 @@ def _fla_kept_states_ops():
     def fwd(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
             cu_seqlens: torch.Tensor) -> List[torch.Tensor]:
         r, k, v, g, u = (t.contiguous() for t in (r, k, v, g, u))
-        with on_device(r):
+        with _on_device(r):
             # chunk_indices: fla's memo, filled from host numbers by prepare_packed (else fla builds it).
             idx = prepare_chunk_indices(cu_seqlens, chunk_size)
             # chunk_rwkv6_fwd's steps, as fla-core 0.6.0 runs them.
@@ -437,7 +435,7 @@ def _fla_kept_states_ops():
             saved: List[torch.Tensor], do: torch.Tensor, cu_seqlens: torch.Tensor
             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         r, k, v, g, u, do = (t.contiguous() for t in (r, k, v, g, u, do))
-        with on_device(r):
+        with _on_device(r):
             # chunk_rwkv6_bwd's steps after its recomputation of gi, ge and h.
             A, gi, ge, h = saved
             common = dict(cu_seqlens=cu_seqlens, chunk_size=chunk_size,
