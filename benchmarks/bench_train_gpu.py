@@ -371,6 +371,37 @@ def time_raw(model, params, batches, a, device) -> float:
     return dt
 
 
+class GCClock:
+    """Time spent in Python's cyclic garbage collector between start() and stop() (gc.callbacks): a
+    host-bound step whose process holds many objects (a fresh torch.compile leaves millions) may pay here."""
+
+    def __init__(self):
+        self.total, self.count, self.by_gen, self._t = 0.0, 0, [0, 0, 0], None
+
+    def _cb(self, phase, info):
+        if phase == "start":
+            self._t = time.perf_counter()
+        elif self._t is not None:
+            self.total += time.perf_counter() - self._t
+            self.count += 1
+            self.by_gen[info["generation"]] += 1
+            self._t = None
+
+    def start(self):
+        gc.callbacks.append(self._cb)
+
+    def stop(self):
+        if self._cb in gc.callbacks:
+            gc.callbacks.remove(self._cb)
+
+    def report(self, steps: int) -> str:
+        return (f"{self.total * 1e3 / steps:.2f} ms per step in {self.count} collections (generations 0/1/2: "
+                f"{'/'.join(map(str, self.by_gen))}); {len(gc.get_objects())} tracked objects")
+
+
+gc_clock = GCClock()
+
+
 def time_lightning(model, batches, a, device) -> float:
     """Seconds per step through pl.Trainer with VisualRWKVTrainModule (the 'visualrwkv train' step)."""
     import lightning.pytorch as pl
@@ -399,6 +430,7 @@ def time_lightning(model, batches, a, device) -> float:
         def on_train_batch_start(self, trainer, pl_module, b, batch_idx):
             if batch_idx == a.warmup:
                 sync(device)
+                gc_clock.start()
                 self.t0 = time.perf_counter()
             if counted and batch_idx == a.warmup + a.steps:
                 # Every host-device synchronisation in one whole Lightning step (hooks, loop, optimizer):
@@ -424,11 +456,14 @@ def time_lightning(model, batches, a, device) -> float:
                 # Nothing in the timed steps waits for the GPU unless the loop syncs, so the host's time
                 # to queue them is close to the step time only when it is CPU-bound (or the queue is full).
                 host = (time.perf_counter() - self.t0) / a.steps
+                gc_clock.stop()
                 sync(device)
                 self.dt = (time.perf_counter() - self.t0) / a.steps
                 if trainer.global_rank == 0:
                     print(f"  host time to queue one step: {host * 1e3:.1f} ms of {self.dt * 1e3:.1f} ms",
                           file=sys.stderr, flush=True)
+                    print(f"  Python's cyclic GC in the timed steps: {gc_clock.report(a.steps)}", file=sys.stderr,
+                          flush=True)
             if self.caught is not None and batch_idx == a.warmup + a.steps:
                 torch.cuda.set_sync_debug_mode("default")
                 self.caught.__exit__(None, None, None)

@@ -65,3 +65,22 @@ def test_keep_outputs_cache_key_names_its_ops():
     assert KeepOutputs() == KeepOutputs(reversed(KERNEL_FORWARD_OPS))  # one graph shared by all layers
     assert KeepOutputs().uuid() == KeepOutputs(reversed(KERNEL_FORWARD_OPS)).uuid()
     assert KeepOutputs().uuid() != KeepOutputs(KERNEL_FORWARD_OPS[:1]).uuid()
+
+
+def test_keep_outputs_cache_key_follows_the_ops_definitions(tmp_path, monkeypatch):
+    # The compiled graphs' caches see a custom op only by name: the pass's uuid must change when the
+    # code that defines the ops changes, or a cached graph calls an op with another schema.
+    from visualrwkv.ops import partition
+
+    mod = tmp_path / "vrwkv_fake_op_defs.py"
+    mod.write_text("SCHEMA = 'bwd(Tensor A) -> Tensor'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = partition.definitions_digest(("vrwkv_fake_op_defs",))
+    mod.write_text("SCHEMA = 'bwd(Tensor[] saved) -> Tensor'\n")
+    partition.definitions_digest.cache_clear()
+    after = partition.definitions_digest(("vrwkv_fake_op_defs",))
+    assert before != after
+    assert partition.definitions_digest() == partition.definitions_digest(partition.OP_DEFINING_MODULES)
+    uuid = KeepOutputs().uuid()
+    monkeypatch.setattr(partition, "definitions_digest", lambda modules=None: "another definition")
+    assert KeepOutputs().uuid() != uuid
