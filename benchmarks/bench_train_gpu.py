@@ -132,6 +132,8 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "visualrwkv.ops.fla_varlen)")
     p.add_argument("--devices", type=int, default=1,
                    help="GPUs (with --lightning): > 1 runs DDP, one process per GPU, each with --micro_bsz")
+    p.add_argument("--ddp_bucket_mb", type=int, default=25,
+                   help="with --devices > 1: all-reduce bucket size in MB (train --ddp_bucket_mb; 25 = DDP's default)")
     p.add_argument("--ddp_grad_dtype", choices=["fp32", "bf16"], default="fp32",
                    help="with --devices > 1: gradient all-reduce dtype (train --ddp_grad_dtype; fp32 = the baseline)")
     p.add_argument("--lightning", action="store_true",
@@ -418,7 +420,7 @@ def time_lightning(model, batches, a, device) -> float:
     loader = torch.utils.data.DataLoader([cpu[i % len(cpu)] for i in range(n)], batch_size=None,
                                          pin_memory=device.type == "cuda")
     cfg = TrainConfig(data_file="-", lr_init=1e-5, weight_decay=0.0, pack=a.pack, ddp_grad_dtype=a.ddp_grad_dtype,
-                      master_weights=a.master_weights,
+                      master_weights=a.master_weights, ddp_bucket_mb=a.ddp_bucket_mb,
                       strategy="ddp" if a.devices > 1 else "auto")
     trainable = [n_ for n_, p in model.named_parameters() if p.requires_grad]
     module = VisualRWKVTrainModule(model, cfg, trainable)

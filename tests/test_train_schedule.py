@@ -307,5 +307,7 @@ def test_optional_extras_missing_give_one_clear_message():
         make_strategy(parse_args(BASE + ["--strategy", "ddq"]))
     from lightning.pytorch.strategies import DDPStrategy
 
-    assert isinstance(make_strategy(parse_args(BASE + ["--strategy", "ddp"])), DDPStrategy)
+    ddp = make_strategy(parse_args(BASE + ["--strategy", "ddp", "--ddp_bucket_mb", "100"]))
+    assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs["bucket_cap_mb"] == 100
+    assert ddp._ddp_kwargs["gradient_as_bucket_view"] and not ddp._ddp_kwargs["find_unused_parameters"]
     assert make_strategy(parse_args(BASE)) == "auto"

@@ -101,7 +101,7 @@ def make_strategy(cfg: TrainConfig):
         # Every trainable parameter takes part in every step (module.py makes sure of it), so no
         # search for unused parameters; gradients live in the all-reduce buckets (less memory).
         # --ddp_grad_dtype bf16: the module registers the all-reduce hook (on_train_start).
-        return DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True)
+        return DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True, bucket_cap_mb=cfg.ddp_bucket_mb)
     if name != "auto" and name not in StrategyRegistry:
         raise UserError(f"--strategy {name}: unknown; use auto, ddp, fsdp, deepspeed_stage_1, deepspeed_stage_2 or "
                         "deepspeed_stage_3 (or another strategy name registered in Lightning)")

@@ -157,6 +157,7 @@ class TrainConfig:
     precision: Optional[str] = None  # None = bf16 on a CUDA GPU with bf16, else fp32
     strategy: str = "auto"
     ds_bucket_mb: int = 200
+    ddp_bucket_mb: int = 25  # with --strategy ddp: gradient all-reduce bucket size (torch's default)
     ddp_grad_dtype: str = "fp32"  # with --strategy ddp: dtype of the gradient all-reduce (bf16 halves its bytes)
     master_weights: int = 0  # bf16 linear weights + fp32 masters in the optimizer (no per-step weight casts)
     # ---- logging / state
@@ -331,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "their gradients cast back in every backward (0); the same arithmetic, fewer bytes moved. "
                         "Plain (single-device) or --strategy ddp (whose all-reduce then averages the bf16 "
                         "gradients in bf16, as --ddp_grad_dtype bf16), --accumulate_grad_batches 1")
+    g.add_argument("--ddp_bucket_mb", type=int, default=d.ddp_bucket_mb,
+                   help="with --strategy ddp: size of each gradient all-reduce bucket in MB (DDP's bucket_cap_mb); "
+                        "larger buckets mean fewer, longer all-reduces overlapping the backward")
     g.add_argument("--ddp_grad_dtype", default=d.ddp_grad_dtype, choices=["fp32", "bf16"],
                    help="with --strategy ddp: all-reduce the gradients in fp32 (exact average) or bf16 (half the "
                         "bytes between GPUs; each bucket rounded to bf16 once, as DeepSpeed's bf16 training "
@@ -411,6 +415,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.log_every_n_steps >= 1, f"--log_every_n_steps must be at least 1; got {cfg.log_every_n_steps}")
     need(cfg.save_state_every_steps >= 0, "--save_state_every_steps must be >= 0")
     need(cfg.ds_bucket_mb >= 1, "--ds_bucket_mb must be positive")
+    need(cfg.ddp_bucket_mb >= 1, f"--ddp_bucket_mb must be at least 1; got {cfg.ddp_bucket_mb}")
     need(cfg.ddp_grad_dtype == "fp32" or cfg.strategy == "ddp",
          f"--ddp_grad_dtype {cfg.ddp_grad_dtype} applies to --strategy ddp (got --strategy {cfg.strategy}; "
          "DeepSpeed and FSDP reduce in their own precision)")
