@@ -317,8 +317,10 @@ def time_raw(model, params, batches, a, device) -> float:
         for _ in range(a.steps):
             step()
         host = (time.perf_counter() - t0) / a.steps
+        state = gpu_state(device)  # the GPU is still working through the queued steps
         sync(device)
         dt = (time.perf_counter() - t0) / a.steps
+    print(f"  GPU near the end of the timed steps: {state}", file=sys.stderr, flush=True)
     # Nothing in the loop waits for the GPU, so the host's time to queue a step is its launch cost: when it
     # is close to the step time, the step is bound by the CPU (Python, launches), not by the GPU's kernels.
     print(f"  host time to queue one step: {host * 1e3:.1f} ms of {dt * 1e3:.1f} ms", file=sys.stderr, flush=True)
@@ -372,6 +374,27 @@ def time_raw(model, params, batches, a, device) -> float:
                                             f"compile {a.compile})", top=a.profile_top), flush=True)
     del opt
     return dt
+
+
+def gpu_state(device) -> str:
+    """The card's clocks, power, temperature and active clock-throttle reasons now (nvidia-smi), read while the
+    timed steps still run: tells a slow run on a throttled card from one slowed by the software."""
+    import subprocess
+
+    if device.type != "cuda":
+        return "n/a (not a CUDA device)"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:  # nvidia-smi numbers the cards as the machine does
+        index = visible.split(",")[index].strip()
+    fields = "clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active"
+    try:
+        out = subprocess.run(["nvidia-smi", f"--id={index}", f"--query-gpu={fields}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unknown ({e})"
+    text = out.stdout.strip() or out.stderr.strip()
+    return f"{fields} = {text}"
 
 
 class GCClock:
@@ -460,6 +483,7 @@ def time_lightning(model, batches, a, device) -> float:
                 # to queue them is close to the step time only when it is CPU-bound (or the queue is full).
                 host = (time.perf_counter() - self.t0) / a.steps
                 gc_clock.stop()
+                state = gpu_state(device)  # the GPU is still working through the queued steps
                 sync(device)
                 self.dt = (time.perf_counter() - self.t0) / a.steps
                 if trainer.global_rank == 0:
@@ -467,6 +491,8 @@ def time_lightning(model, batches, a, device) -> float:
                           file=sys.stderr, flush=True)
                     print(f"  Python's cyclic GC in the timed steps: {gc_clock.report(a.steps)}", file=sys.stderr,
                           flush=True)
+                print(f"  rank {trainer.global_rank}'s GPU near the end of the timed steps: {state}", file=sys.stderr,
+                      flush=True)
             if self.caught is not None and batch_idx == a.warmup + a.steps:
                 torch.cuda.set_sync_debug_mode("default")
                 self.caught.__exit__(None, None, None)

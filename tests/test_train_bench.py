@@ -29,8 +29,12 @@ def test_bench_tiny_smoke():
     assert [row[0] for row in rows] == ["1", "2"]  # stage 1 and stage 2
     for row in rows:
         assert float(row[4]) > 0 and float(row[6]) > 0  # step_ms, tokens/s
+    # the diagnostics of a slow run: time in Python's GC and the card's state (none here: a CPU)
+    assert r.stderr.count("Python's cyclic GC in the timed steps: ") == 2
+    assert r.stderr.count("rank 0's GPU near the end of the timed steps: n/a (not a CUDA device)") == 2
     r = _run("--tiny")
     assert r.returncode == 0 and len([l for l in r.stdout.splitlines() if l.strip()[:1].isdigit()]) == 2
+    assert r.stderr.count("GPU near the end of the timed steps: n/a (not a CUDA device)") == 2
 
 
 def test_bench_real_lengths_cycle_batches(tmp_path):
