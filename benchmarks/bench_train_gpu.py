@@ -425,8 +425,6 @@ class GCClock:
                 f"{'/'.join(map(str, self.by_gen))}); {len(gc.get_objects())} tracked objects")
 
 
-gc_clock = GCClock()
-
 
 def time_lightning(model, batches, a, device) -> float:
     """Seconds per step through pl.Trainer with VisualRWKVTrainModule (the 'visualrwkv train' step)."""
@@ -452,11 +450,12 @@ def time_lightning(model, batches, a, device) -> float:
     class Timer(pl.Callback):
         prof = None
         caught = None
+        gc_clock = GCClock()  # this call's timed steps only
 
         def on_train_batch_start(self, trainer, pl_module, b, batch_idx):
             if batch_idx == a.warmup:
                 sync(device)
-                gc_clock.start()
+                self.gc_clock.start()
                 self.t0 = time.perf_counter()
             if counted and batch_idx == a.warmup + a.steps:
                 # Every host-device synchronisation in one whole Lightning step (hooks, loop, optimizer):
@@ -482,14 +481,14 @@ def time_lightning(model, batches, a, device) -> float:
                 # Nothing in the timed steps waits for the GPU unless the loop syncs, so the host's time
                 # to queue them is close to the step time only when it is CPU-bound (or the queue is full).
                 host = (time.perf_counter() - self.t0) / a.steps
-                gc_clock.stop()
+                self.gc_clock.stop()
                 state = gpu_state(device)  # the GPU is still working through the queued steps
                 sync(device)
                 self.dt = (time.perf_counter() - self.t0) / a.steps
                 if trainer.global_rank == 0:
                     print(f"  host time to queue one step: {host * 1e3:.1f} ms of {self.dt * 1e3:.1f} ms",
                           file=sys.stderr, flush=True)
-                    print(f"  Python's cyclic GC in the timed steps: {gc_clock.report(a.steps)}", file=sys.stderr,
+                    print(f"  Python's cyclic GC in the timed steps: {self.gc_clock.report(a.steps)}", file=sys.stderr,
                           flush=True)
                 print(f"  rank {trainer.global_rank}'s GPU near the end of the timed steps: {state}", file=sys.stderr,
                       flush=True)

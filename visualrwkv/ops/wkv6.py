@@ -272,10 +272,10 @@ _FLA_PIECES = {
 
 
 def _params(fn) -> tuple:
-    """A function's parameter names (() for None: a piece this fla version lacks)."""
+    """A function's parameter names, through decorators' __wrapped__ (() for None: a piece this fla version lacks)."""
     import inspect
 
-    return () if fn is None else tuple(inspect.signature(inspect.unwrap(fn)).parameters)
+    return () if fn is None else tuple(inspect.signature(fn).parameters)
 
 
 def _on_device(t: torch.Tensor):
@@ -306,8 +306,6 @@ def _build_fla_packed_ops(keep_states: bool):
     compute again), or None where it is unavailable."""
     if keep_states:
         return _fla_kept_states_ops()
-    import inspect
-
     if not fla_available():
         return None
     _fla_chunk_rwkv6()  # the sync-free state pass
@@ -316,8 +314,7 @@ def _build_fla_packed_ops(keep_states: bool):
 
     from visualrwkv.ops.fla_varlen import FLA_RWKV6_CHUNK as chunk_size
 
-    if (tuple(inspect.signature(fla_chunk.chunk_rwkv6_fwd).parameters) != _FLA_FWD_PARAMS
-            or tuple(inspect.signature(fla_chunk.chunk_rwkv6_bwd).parameters) != _FLA_BWD_PARAMS):
+    if _params(fla_chunk.chunk_rwkv6_fwd) != _FLA_FWD_PARAMS or _params(fla_chunk.chunk_rwkv6_bwd) != _FLA_BWD_PARAMS:
         return None
 
     @torch.library.custom_op("visualrwkv::wkv6_fla_packed_fwd", mutates_args=())
@@ -497,7 +494,8 @@ def compilable_wkv6(custom_op: bool = False, keep_states: bool = False):
     kernel = ops = None
     if fla_available():
         kernel = torch.compiler.disable(_fla_chunk_rwkv6())
-        ops = (keep_states and _fla_packed_ops(True) or _fla_packed_ops()) if custom_op else None
+        if custom_op:  # the kept-states variant where asked for and available, else the recomputing one
+            ops = (_fla_packed_ops(True) if keep_states else None) or _fla_packed_ops()
 
     def fn(r, k, v, w, u, initial_state=None, output_final_state=False, backend="auto", chunk_size=16,
            cu_seqlens=None):
