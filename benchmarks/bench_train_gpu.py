@@ -132,8 +132,11 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "visualrwkv.ops.fla_varlen)")
     p.add_argument("--devices", type=int, default=1,
                    help="GPUs (with --lightning): > 1 runs DDP, one process per GPU, each with --micro_bsz")
+    p.add_argument("--ddp", type=int, choices=[0, 1], default=0,
+                   help="with --lightning: 1 wraps the model in DDP also on one GPU (DDP's own cost with no partner "
+                        "to wait for; its compiled graphs, split at the buckets, are those of --devices 2 and 4)")
     p.add_argument("--ddp_bucket_mb", type=int, default=100,
-                   help="with --devices > 1: all-reduce bucket size in MB (train --ddp_bucket_mb, default 100; 25 = "
+                   help="with --devices > 1 or --ddp 1: all-reduce bucket size in MB (train --ddp_bucket_mb, default 100; 25 = "
                         "torch DDP's default, the baseline)")
     p.add_argument("--ddp_grad_dtype", choices=["fp32", "bf16"], default="fp32",
                    help="with --devices > 1: gradient all-reduce dtype (train --ddp_grad_dtype; fp32 = the baseline)")
@@ -443,7 +446,7 @@ def time_lightning(model, batches, a, device) -> float:
                                          pin_memory=device.type == "cuda")
     cfg = TrainConfig(data_file="-", lr_init=1e-5, weight_decay=0.0, pack=a.pack, ddp_grad_dtype=a.ddp_grad_dtype,
                       master_weights=a.master_weights, ddp_bucket_mb=a.ddp_bucket_mb,
-                      strategy="ddp" if a.devices > 1 else "auto")
+                      strategy="ddp" if a.devices > 1 or a.ddp else "auto")
     trainable = [n_ for n_, p in model.named_parameters() if p.requires_grad]
     module = VisualRWKVTrainModule(model, cfg, trainable)
 
@@ -515,7 +518,7 @@ def time_lightning(model, batches, a, device) -> float:
 
     timer = Timer()
     precision = "32-true" if device.type != "cuda" else a.precision
-    multi = a.devices > 1
+    multi = a.devices > 1 or bool(a.ddp)
     # With DDP every rank steps through the same n batches (no distributed sampler: the list is a
     # stand-in for a per-rank data stream), so each rank does a full micro-batch per step. The DDP
     # strategy is the one 'visualrwkv train --strategy ddp' builds (gradients in the buckets).
@@ -540,8 +543,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("bench_train_gpu.py: no CUDA GPU found; nothing to measure here "
               "(use --tiny for a CPU smoke run of the same code)", file=sys.stderr)
         return 0
-    if a.devices > 1 and not a.lightning:
-        print("bench_train_gpu.py: --devices > 1 needs --lightning (DDP through pl.Trainer)", file=sys.stderr)
+    if (a.devices > 1 or a.ddp) and not a.lightning:
+        print("bench_train_gpu.py: --devices > 1 and --ddp 1 need --lightning (DDP through pl.Trainer)", file=sys.stderr)
         return 2
     rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available() and not a.tiny:
@@ -585,7 +588,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    say(f"# {name} x {a.devices if a.lightning else 1}; model {model.rwkv.cfg.n_layer} x {model.rwkv.cfg.n_embd}, vocab {model.rwkv.cfg.vocab_size}, "
+    ddp = f" (DDP, {a.ddp_bucket_mb} MB buckets)" if a.lightning and (a.devices > 1 or a.ddp) else ""
+    say(f"# {name} x {a.devices if a.lightning else 1}{ddp}; model {model.rwkv.cfg.n_layer} x {model.rwkv.cfg.n_embd}, vocab {model.rwkv.cfg.vocab_size}, "
           f"{n_params / 1e9:.2f}B parameters incl. tower; {model.n_image_tokens} image tokens/sample; "
           f"precision {a.precision if device.type == 'cuda' else 'fp32'}; grad_cp {a.grad_cp}; pack {a.pack}; "
           f"{lengths_desc(a)} lengths; {a.batches} distinct batch(es); compile {a.compile}"

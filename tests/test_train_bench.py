@@ -32,6 +32,11 @@ def test_bench_tiny_smoke():
     # the diagnostics of a slow run: time in Python's GC and the card's state (none here: a CPU)
     assert r.stderr.count("Python's cyclic GC in the timed steps: ") == 2
     assert r.stderr.count("rank 0's GPU near the end of the timed steps: n/a (not a CUDA device)") == 2
+    # --ddp 1: the same step wrapped in DDP on one device (gloo here)
+    r = _run("--tiny", "--lightning", "--ddp", "1", "--stages", "2", "--ddp_bucket_mb", "7")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "x 1 (DDP, 7 MB buckets);" in r.stdout
+    assert len([l for l in r.stdout.splitlines() if l.strip()[:1].isdigit()]) == 1
     r = _run("--tiny")
     assert r.returncode == 0 and len([l for l in r.stdout.splitlines() if l.strip()[:1].isdigit()]) == 2
     assert r.stderr.count("GPU near the end of the timed steps: n/a (not a CUDA device)") == 2
