@@ -138,6 +138,11 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--ddp_bucket_mb", type=int, default=100,
                    help="with --devices > 1 or --ddp 1: all-reduce bucket size in MB (train --ddp_bucket_mb, default 100; 25 = "
                         "torch DDP's default, the baseline)")
+    p.add_argument("--ddp_nccl_high_priority", type=int, choices=[0, 1], default=0,
+                   help="with --devices > 1: NCCL on a high-priority stream (train --ddp_nccl_high_priority; 0 = baseline)")
+    p.add_argument("--ddp_nccl_ctas", type=int, default=0,
+                   help="with --devices > 1: at most this many CTAs per NCCL kernel (train --ddp_nccl_ctas; "
+                        "0 = NCCL's choice, the baseline)")
     p.add_argument("--ddp_grad_dtype", choices=["fp32", "bf16"], default="fp32",
                    help="with --devices > 1: gradient all-reduce dtype (train --ddp_grad_dtype; fp32 = the baseline)")
     p.add_argument("--lightning", action="store_true",
@@ -446,6 +451,7 @@ def time_lightning(model, batches, a, device) -> float:
                                          pin_memory=device.type == "cuda")
     cfg = TrainConfig(data_file="-", lr_init=1e-5, weight_decay=0.0, pack=a.pack, ddp_grad_dtype=a.ddp_grad_dtype,
                       master_weights=a.master_weights, ddp_bucket_mb=a.ddp_bucket_mb,
+                      ddp_nccl_high_priority=a.ddp_nccl_high_priority, ddp_nccl_ctas=a.ddp_nccl_ctas,
                       strategy="ddp" if a.devices > 1 or a.ddp else "auto")
     trainable = [n_ for n_, p in model.named_parameters() if p.requires_grad]
     module = VisualRWKVTrainModule(model, cfg, trainable)
@@ -588,7 +594,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    ddp = f" (DDP, {a.ddp_bucket_mb} MB buckets)" if a.lightning and (a.devices > 1 or a.ddp) else ""
+    ddp = (f" (DDP, {a.ddp_bucket_mb} MB buckets, NCCL stream priority {'high' if a.ddp_nccl_high_priority else 'normal'}"
+           f", {a.ddp_nccl_ctas or 'NCCL-chosen'} CTAs)") if a.lightning and (a.devices > 1 or a.ddp) else ""
     say(f"# {name} x {a.devices if a.lightning else 1}{ddp}; model {model.rwkv.cfg.n_layer} x {model.rwkv.cfg.n_embd}, vocab {model.rwkv.cfg.vocab_size}, "
           f"{n_params / 1e9:.2f}B parameters incl. tower; {model.n_image_tokens} image tokens/sample; "
           f"precision {a.precision if device.type == 'cuda' else 'fp32'}; grad_cp {a.grad_cp}; pack {a.pack}; "

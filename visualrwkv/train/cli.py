@@ -96,12 +96,14 @@ def make_strategy(cfg: TrainConfig):
         # One FSDP unit per RWKV block, so parameters are gathered block by block.
         return FSDPStrategy(auto_wrap_policy={Block}, cpu_offload=name == "fsdp_cpu_offload", state_dict_type="full")
     if name == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
+        from visualrwkv.train.strategies import NCCLTunedDDPStrategy, nccl_env
 
         # Every trainable parameter takes part in every step (module.py makes sure of it), so no
         # search for unused parameters; gradients live in the all-reduce buckets (less memory).
         # --ddp_grad_dtype bf16: the module registers the all-reduce hook (on_train_start).
-        return DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True, bucket_cap_mb=cfg.ddp_bucket_mb)
+        return NCCLTunedDDPStrategy(nccl_env=nccl_env(cfg.ddp_nccl_high_priority, cfg.ddp_nccl_ctas),
+                                    find_unused_parameters=False, gradient_as_bucket_view=True,
+                                    bucket_cap_mb=cfg.ddp_bucket_mb)
     if name != "auto" and name not in StrategyRegistry:
         raise UserError(f"--strategy {name}: unknown; use auto, ddp, fsdp, deepspeed_stage_1, deepspeed_stage_2 or "
                         "deepspeed_stage_3 (or another strategy name registered in Lightning)")
