@@ -138,11 +138,12 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--ddp_bucket_mb", type=int, default=100,
                    help="with --devices > 1 or --ddp 1: all-reduce bucket size in MB (train --ddp_bucket_mb, default 100; 25 = "
                         "torch DDP's default, the baseline)")
-    p.add_argument("--ddp_nccl_high_priority", type=int, choices=[0, 1], default=0,
-                   help="with --devices > 1: NCCL on a high-priority stream (train --ddp_nccl_high_priority; 0 = baseline)")
-    p.add_argument("--ddp_nccl_ctas", type=int, default=0,
-                   help="with --devices > 1: at most this many CTAs per NCCL kernel (train --ddp_nccl_ctas; "
-                        "0 = NCCL's choice, the baseline)")
+    p.add_argument("--ddp_nccl_high_priority", type=int, choices=[0, 1], default=1,
+                   help="with --devices > 1: NCCL on a high-priority stream (train --ddp_nccl_high_priority, "
+                        "default 1; 0 = the baseline)")
+    p.add_argument("--ddp_nccl_ctas", type=int, default=8,
+                   help="with --devices > 1: at most this many CTAs per NCCL kernel (train --ddp_nccl_ctas, "
+                        "default 8; 0 = NCCL's choice, the baseline)")
     p.add_argument("--ddp_grad_dtype", choices=["fp32", "bf16"], default="fp32",
                    help="with --devices > 1: gradient all-reduce dtype (train --ddp_grad_dtype; fp32 = the baseline)")
     p.add_argument("--lightning", action="store_true",

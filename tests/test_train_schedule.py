@@ -310,11 +310,12 @@ def test_optional_extras_missing_give_one_clear_message():
     ddp = make_strategy(parse_args(BASE + ["--strategy", "ddp", "--ddp_bucket_mb", "100"]))
     assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs["bucket_cap_mb"] == 100
     assert ddp._ddp_kwargs["gradient_as_bucket_view"] and not ddp._ddp_kwargs["find_unused_parameters"]
-    assert ddp.nccl_env == {}  # NCCL's own choices unless asked
-    tuned = make_strategy(parse_args(BASE + ["--strategy", "ddp", "--ddp_nccl_high_priority", "1",
-                                             "--ddp_nccl_ctas", "8"]))
-    assert tuned.nccl_env == {"TORCH_NCCL_HIGH_PRIORITY": "1", "NCCL_MAX_CTAS": "8"}
-    for bad, msg in ((["--ddp_nccl_ctas", "8"], "--ddp_nccl_high_priority / --ddp_nccl_ctas apply to --strategy ddp"),
+    assert ddp.nccl_env == {"TORCH_NCCL_HIGH_PRIORITY": "1", "NCCL_MAX_CTAS": "8"}  # the defaults
+    plain = make_strategy(parse_args(BASE + ["--strategy", "ddp", "--ddp_nccl_high_priority", "0",
+                                             "--ddp_nccl_ctas", "0"]))
+    assert plain.nccl_env == {}  # PyTorch's and NCCL's own choices: the environment is left alone
+    assert make_strategy(parse_args(BASE + ["--strategy", "ddp", "--ddp_nccl_ctas", "4"])).nccl_env["NCCL_MAX_CTAS"] == "4"
+    for bad, msg in ((["--ddp_nccl_ctas", "4"], "--ddp_nccl_high_priority / --ddp_nccl_ctas apply to --strategy ddp"),
                      (["--strategy", "ddp", "--ddp_nccl_ctas", "65"], "--ddp_nccl_ctas must be 0")):
         with pytest.raises(UserError, match=msg):
             parse_args(BASE + bad)
