@@ -284,6 +284,19 @@ def _cli(argv, **kw):
                           capture_output=True, text=True, **kw)
 
 
+def test_model_buffers_are_constants_so_ddp_need_not_broadcast_them(env, tmp_path):
+    # make_strategy gives DDP broadcast_buffers=False: right only while every buffer is a constant that
+    # each rank builds alike (the CLIP tower's position ids). A new buffer must be looked at here.
+    from visualrwkv.train.config import parse_args
+    from visualrwkv.train.model import build_model
+
+    model = build_model(parse_args(_args(env, str(tmp_path / "p"))))
+    names = [n for n, _ in model.named_buffers()]
+    assert names and all(n.endswith("embeddings.position_ids") for n in names), names
+    for _, b in model.named_buffers():
+        assert torch.equal(b.flatten(), torch.arange(b.numel()))
+
+
 def test_ddp_two_processes_equal_one_with_double_batch(env, tmp_path):
     common = ["--freeze_rwkv", 1, "--epoch_steps", 3, "--epoch_count", 1, "--warmup_steps", 0]
     one, two, two_bf16 = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "two_bf16")

@@ -310,6 +310,7 @@ def test_optional_extras_missing_give_one_clear_message():
     ddp = make_strategy(parse_args(BASE + ["--strategy", "ddp", "--ddp_bucket_mb", "100"]))
     assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs["bucket_cap_mb"] == 100
     assert ddp._ddp_kwargs["gradient_as_bucket_view"] and not ddp._ddp_kwargs["find_unused_parameters"]
+    assert ddp._ddp_kwargs["broadcast_buffers"] is False
     assert ddp.nccl_env == {"TORCH_NCCL_HIGH_PRIORITY": "1", "NCCL_MAX_CTAS": "8"}  # the defaults
     plain = make_strategy(parse_args(BASE + ["--strategy", "ddp", "--ddp_nccl_high_priority", "0",
                                              "--ddp_nccl_ctas", "0"]))

@@ -101,9 +101,12 @@ def make_strategy(cfg: TrainConfig):
         # Every trainable parameter takes part in every step (module.py makes sure of it), so no
         # search for unused parameters; gradients live in the all-reduce buckets (less memory).
         # --ddp_grad_dtype bf16: the module registers the all-reduce hook (on_train_start).
+        # The only buffers are constants every rank builds alike (the tower's position ids, (1, 577) int64),
+        # so DDP's default broadcast of them from rank 0 before every forward (two collectives per step in
+        # r64's NCCL log, and a meeting point of the ranks) is left out.
         return NCCLTunedDDPStrategy(nccl_env=nccl_env(cfg.ddp_nccl_high_priority, cfg.ddp_nccl_ctas),
                                     find_unused_parameters=False, gradient_as_bucket_view=True,
-                                    bucket_cap_mb=cfg.ddp_bucket_mb)
+                                    bucket_cap_mb=cfg.ddp_bucket_mb, broadcast_buffers=False)
     if name != "auto" and name not in StrategyRegistry:
         raise UserError(f"--strategy {name}: unknown; use auto, ddp, fsdp, deepspeed_stage_1, deepspeed_stage_2 or "
                         "deepspeed_stage_3 (or another strategy name registered in Lightning)")
