@@ -321,3 +321,60 @@ def test_optional_extras_missing_give_one_clear_message():
         with pytest.raises(UserError, match=msg):
             parse_args(BASE + bad)
     assert make_strategy(parse_args(BASE)) == "auto"
+
+
+def test_backward_gemm_carveout_only_on_gpus_and_restored():
+    from visualrwkv.train.strategies import BackwardGemmCarveout
+
+    before = (torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library())
+    c = BackwardGemmCarveout(8)
+    c.enter(torch.device("cpu"))  # a CPU step: nothing to leave to anyone
+    assert (torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library()) == before
+    c.exit()
+    assert (torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library()) == before
+    with pytest.raises(UserError, match="--ddp_gemm_sm_carveout applies to --strategy ddp"):
+        parse_args(BASE + ["--ddp_gemm_sm_carveout", "8"])
+    with pytest.raises(UserError, match="--ddp_gemm_sm_carveout must be 0"):
+        parse_args(BASE + ["--strategy", "ddp", "--ddp_gemm_sm_carveout", "-1"])
+    assert parse_args(BASE + ["--strategy", "ddp", "--ddp_gemm_sm_carveout", "8"]).ddp_gemm_sm_carveout == 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_backward_gemm_carveout_on_gpu_sets_and_restores():
+    from visualrwkv.train.strategies import BackwardGemmCarveout
+
+    before = (torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library())
+    c = BackwardGemmCarveout(8)
+    a = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(256, 384, device="cuda", dtype=torch.bfloat16)
+    c.enter(torch.device("cuda"))
+    assert torch._C._get_sm_carveout_experimental() == 8
+    assert torch.backends.cuda.preferred_blas_library() == torch._C._BlasBackend.Cublaslt
+    out = a @ b  # cuBLASLt with an SM-count target: still the product
+    c.exit()
+    assert (torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library()) == before
+    torch.testing.assert_close(out.float(), a.float() @ b.float(), rtol=2e-2, atol=2e-1)
+
+
+def test_train_module_backward_hooks_enter_and_exit_the_carveout():
+    from visualrwkv.train.module import VisualRWKVTrainModule
+
+    calls = []
+
+    class Recorder:
+        sms = 8
+
+        def enter(self, device):
+            calls.append(("enter", device.type))
+
+        def exit(self):
+            calls.append(("exit",))
+
+    import lightning.pytorch as pl
+
+    m = VisualRWKVTrainModule.__new__(VisualRWKVTrainModule)  # only the two hooks are under test
+    pl.LightningModule.__init__(m)
+    m.gemm_carveout = Recorder()
+    m.on_before_backward(torch.zeros(()))
+    m.on_after_backward()
+    assert calls == [("enter", "cpu"), ("exit",)]

@@ -168,6 +168,9 @@ class TrainConfig:
     # DDP 4 355.5 vs 370.6 ms, DDP 2 357.6 vs 386.2 ms.
     ddp_nccl_high_priority: int = 1
     ddp_nccl_ctas: int = 8
+    # with --strategy ddp: the backward's matmuls leave this many SMs to the all-reduce kernels beside them
+    # (train/strategies.py::BackwardGemmCarveout); 0 = every SM, as PyTorch does.
+    ddp_gemm_sm_carveout: int = 0
     master_weights: int = 0  # bf16 linear weights + fp32 masters in the optimizer (no per-step weight casts)
     # ---- logging / state
     wandb: str = ""
@@ -357,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --strategy ddp: at most this many thread blocks (SMs) per NCCL kernel (NCCL_MAX_CTAS; "
                         "default 8; 0 = NCCL's own choice): fewer SMs held by the all-reduces that overlap the "
                         "backward (NCCL's own model for 8 channels on 4 x H100: ring all-reduce at 360 GB/s)")
+    g.add_argument("--ddp_gemm_sm_carveout", type=int, default=d.ddp_gemm_sm_carveout,
+                   help="with --strategy ddp on GPUs: the backward's matmuls (through cuBLASLt) target this many "
+                        "SMs fewer than the GPU has, leaving them to the all-reduce kernels that run beside them "
+                        "(e.g. the --ddp_nccl_ctas value); 0 = every SM (PyTorch's default)")
     g = p.add_argument_group("logging and state")
     g.add_argument("--wandb", default=d.wandb, help="Weights & Biases project ('' = off)")
     g.add_argument("--run_name", default=d.run_name, help="run name for wandb")
@@ -433,6 +440,10 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.save_state_every_steps >= 0, "--save_state_every_steps must be >= 0")
     need(cfg.ds_bucket_mb >= 1, "--ds_bucket_mb must be positive")
     need(cfg.ddp_bucket_mb >= 1, f"--ddp_bucket_mb must be at least 1; got {cfg.ddp_bucket_mb}")
+    need(0 <= cfg.ddp_gemm_sm_carveout <= 64,
+         f"--ddp_gemm_sm_carveout must be 0 (every SM) to 64; got {cfg.ddp_gemm_sm_carveout}")
+    need(cfg.ddp_gemm_sm_carveout == 0 or cfg.strategy == "ddp",
+         f"--ddp_gemm_sm_carveout applies to --strategy ddp (got --strategy {cfg.strategy})")
     need(0 <= cfg.ddp_nccl_ctas <= 64, f"--ddp_nccl_ctas must be 0 (NCCL's choice) to 64; got {cfg.ddp_nccl_ctas}")
     need((cfg.ddp_nccl_high_priority, cfg.ddp_nccl_ctas) == (TrainConfig.ddp_nccl_high_priority, TrainConfig.ddp_nccl_ctas)
          or cfg.strategy == "ddp",

@@ -88,6 +88,9 @@ class VisualRWKVTrainModule(pl.LightningModule):
         self._batch_has_image = True
         self._batch_supervised = True
         self.last_loss: Optional[torch.Tensor] = None
+        from visualrwkv.train.strategies import BackwardGemmCarveout
+
+        self.gemm_carveout = BackwardGemmCarveout(getattr(cfg, "ddp_gemm_sm_carveout", 0))
 
     # ------------------------------------------------------------------------------ step
     def on_before_batch_transfer(self, batch: Dict[str, Any], dataloader_idx: int) -> Dict[str, Any]:
@@ -143,6 +146,9 @@ class VisualRWKVTrainModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------ optimizer
     def on_train_start(self) -> None:
+        if self.gemm_carveout.sms and self.device.type == "cuda" and not self.gemm_carveout.supported():
+            raise UserError(f"--ddp_gemm_sm_carveout {self.gemm_carveout.sms}: this PyTorch ({torch.__version__}) "
+                            "has no SM carveout for matmuls; use --ddp_gemm_sm_carveout 0")
         # --ddp_grad_dtype bf16 (optim.bf16_allreduce_hook). Registered here, on the DDP wrapper
         # Lightning has built by now, rather than through DDPStrategy(ddp_comm_hook=...), which
         # Lightning applies on CUDA only: this way the CPU test runs the same code.
@@ -152,6 +158,14 @@ class VisualRWKVTrainModule(pl.LightningModule):
             ddp = self.trainer.strategy.model
             if isinstance(ddp, DistributedDataParallel):
                 ddp.register_comm_hook(state=None, hook=bf16_allreduce_hook)
+
+    # The backward's matmuls leave SMs to the all-reduces beside them (--ddp_gemm_sm_carveout); the
+    # forward keeps every SM. Both hooks run on every step, between them exactly the backward.
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self.gemm_carveout.enter(self.device)
+
+    def on_after_backward(self) -> None:
+        self.gemm_carveout.exit()
 
     def configure_optimizers(self):
         cfg = self.cfg
