@@ -147,6 +147,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--ddp_gemm_sm_carveout", type=int, default=0,
                    help="with --devices > 1 or --ddp 1: the backward's matmuls leave this many SMs to the "
                         "all-reduces (train --ddp_gemm_sm_carveout; 0 = every SM, the baseline)")
+    p.add_argument("--ddp_avg_in_allreduce", type=int, choices=[0, 1], default=0,
+                   help="with --devices > 1 or --ddp 1: average in NCCL's all-reduce (train --ddp_avg_in_allreduce; "
+                        "0 = DDP's division of every gradient, the baseline)")
     p.add_argument("--ddp_grad_dtype", choices=["fp32", "bf16"], default="fp32",
                    help="with --devices > 1: gradient all-reduce dtype (train --ddp_grad_dtype; fp32 = the baseline)")
     p.add_argument("--lightning", action="store_true",
@@ -456,7 +459,7 @@ def time_lightning(model, batches, a, device) -> float:
     cfg = TrainConfig(data_file="-", lr_init=1e-5, weight_decay=0.0, pack=a.pack, ddp_grad_dtype=a.ddp_grad_dtype,
                       master_weights=a.master_weights, ddp_bucket_mb=a.ddp_bucket_mb,
                       ddp_nccl_high_priority=a.ddp_nccl_high_priority, ddp_nccl_ctas=a.ddp_nccl_ctas,
-                      ddp_gemm_sm_carveout=a.ddp_gemm_sm_carveout,
+                      ddp_gemm_sm_carveout=a.ddp_gemm_sm_carveout, ddp_avg_in_allreduce=a.ddp_avg_in_allreduce,
                       strategy="ddp" if a.devices > 1 or a.ddp else "auto")
     trainable = [n_ for n_, p in model.named_parameters() if p.requires_grad]
     module = VisualRWKVTrainModule(model, cfg, trainable)
@@ -600,7 +603,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     ddp = (f" (DDP, {a.ddp_bucket_mb} MB buckets, NCCL stream priority {'high' if a.ddp_nccl_high_priority else 'normal'}"
-           f", {a.ddp_nccl_ctas or 'NCCL-chosen'} CTAs, backward matmuls leave {a.ddp_gemm_sm_carveout} SMs)") if a.lightning and (a.devices > 1 or a.ddp) else ""
+           f", {a.ddp_nccl_ctas or 'NCCL-chosen'} CTAs, backward matmuls leave {a.ddp_gemm_sm_carveout} SMs, "
+           f"{'AVG in the all-reduce' if a.ddp_avg_in_allreduce else 'DDP divides each gradient'})") if a.lightning and (a.devices > 1 or a.ddp) else ""
     say(f"# {name} x {a.devices if a.lightning else 1}{ddp}; model {model.rwkv.cfg.n_layer} x {model.rwkv.cfg.n_embd}, vocab {model.rwkv.cfg.vocab_size}, "
           f"{n_params / 1e9:.2f}B parameters incl. tower; {model.n_image_tokens} image tokens/sample; "
           f"precision {a.precision if device.type == 'cuda' else 'fp32'}; grad_cp {a.grad_cp}; pack {a.pack}; "

@@ -337,6 +337,11 @@ def test_backward_gemm_carveout_only_on_gpus_and_restored():
     with pytest.raises(UserError, match="--ddp_gemm_sm_carveout must be 0"):
         parse_args(BASE + ["--strategy", "ddp", "--ddp_gemm_sm_carveout", "-1"])
     assert parse_args(BASE + ["--strategy", "ddp", "--ddp_gemm_sm_carveout", "8"]).ddp_gemm_sm_carveout == 8
+    for bad in (["--ddp_avg_in_allreduce", "1"], ["--strategy", "ddp", "--ddp_avg_in_allreduce", "1",
+                                                   "--ddp_grad_dtype", "bf16"]):
+        with pytest.raises(UserError, match="--ddp_avg_in_allreduce 1 applies to --strategy ddp with --ddp_grad_dtype fp32"):
+            parse_args(BASE + bad)
+    assert parse_args(BASE + ["--strategy", "ddp", "--ddp_avg_in_allreduce", "1"]).ddp_avg_in_allreduce == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

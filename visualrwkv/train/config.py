@@ -171,6 +171,9 @@ class TrainConfig:
     # with --strategy ddp: the backward's matmuls leave this many SMs to the all-reduce kernels beside them
     # (train/strategies.py::BackwardGemmCarveout); 0 = every SM, as PyTorch does.
     ddp_gemm_sm_carveout: int = 0
+    # with --strategy ddp: average the gradients in the all-reduce (NCCL's AVG) instead of DDP's division of
+    # every gradient before it (optim.avg_allreduce_hook); 0 = DDP's own way.
+    ddp_avg_in_allreduce: int = 0
     master_weights: int = 0  # bf16 linear weights + fp32 masters in the optimizer (no per-step weight casts)
     # ---- logging / state
     wandb: str = ""
@@ -364,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --strategy ddp on GPUs: the backward's matmuls (through cuBLASLt) target this many "
                         "SMs fewer than the GPU has, leaving them to the all-reduce kernels that run beside them "
                         "(e.g. the --ddp_nccl_ctas value); 0 = every SM (PyTorch's default)")
+    g.add_argument("--ddp_avg_in_allreduce", type=int, default=d.ddp_avg_in_allreduce, choices=[0, 1],
+                   help="with --strategy ddp: average the gradients inside the all-reduce (NCCL's AVG; the same "
+                        "result to the bit for 2, 4, 8 ... processes) instead of DDP's division of every gradient "
+                        "before it, one kernel per parameter; 0 = DDP's own way")
     g = p.add_argument_group("logging and state")
     g.add_argument("--wandb", default=d.wandb, help="Weights & Biases project ('' = off)")
     g.add_argument("--run_name", default=d.run_name, help="run name for wandb")
@@ -444,6 +451,9 @@ def validate(cfg: TrainConfig) -> None:
          f"--ddp_gemm_sm_carveout must be 0 (every SM) to 64; got {cfg.ddp_gemm_sm_carveout}")
     need(cfg.ddp_gemm_sm_carveout == 0 or cfg.strategy == "ddp",
          f"--ddp_gemm_sm_carveout applies to --strategy ddp (got --strategy {cfg.strategy})")
+    need(cfg.ddp_avg_in_allreduce == 0 or (cfg.strategy == "ddp" and cfg.ddp_grad_dtype == "fp32"),
+         f"--ddp_avg_in_allreduce 1 applies to --strategy ddp with --ddp_grad_dtype fp32 (got --strategy "
+         f"{cfg.strategy}, --ddp_grad_dtype {cfg.ddp_grad_dtype}: its bf16 all-reduce averages already)")
     need(0 <= cfg.ddp_nccl_ctas <= 64, f"--ddp_nccl_ctas must be 0 (NCCL's choice) to 64; got {cfg.ddp_nccl_ctas}")
     need((cfg.ddp_nccl_high_priority, cfg.ddp_nccl_ctas) == (TrainConfig.ddp_nccl_high_priority, TrainConfig.ddp_nccl_ctas)
          or cfg.strategy == "ddp",

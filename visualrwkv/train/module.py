@@ -21,7 +21,7 @@ import torch
 
 from visualrwkv.constants import IGNORE_INDEX
 from visualrwkv.errors import UserError
-from visualrwkv.train.optim import MasterAdamW, bf16_allreduce_hook, clip_grad_norm_in_step_
+from visualrwkv.train.optim import MasterAdamW, avg_allreduce_hook, bf16_allreduce_hook, clip_grad_norm_in_step_
 from visualrwkv.train.schedule import param_groups
 
 STATE_KEY = "visualrwkv"  # our entry in the Lightning checkpoint
@@ -152,12 +152,14 @@ class VisualRWKVTrainModule(pl.LightningModule):
         # --ddp_grad_dtype bf16 (optim.bf16_allreduce_hook). Registered here, on the DDP wrapper
         # Lightning has built by now, rather than through DDPStrategy(ddp_comm_hook=...), which
         # Lightning applies on CUDA only: this way the CPU test runs the same code.
-        if getattr(self.cfg, "ddp_grad_dtype", "fp32") == "bf16":
+        # --ddp_avg_in_allreduce 1 (optim.avg_allreduce_hook): the same, averaging inside the all-reduce.
+        bf16 = getattr(self.cfg, "ddp_grad_dtype", "fp32") == "bf16"
+        if bf16 or getattr(self.cfg, "ddp_avg_in_allreduce", 0):
             from torch.nn.parallel import DistributedDataParallel
 
             ddp = self.trainer.strategy.model
             if isinstance(ddp, DistributedDataParallel):
-                ddp.register_comm_hook(state=None, hook=bf16_allreduce_hook)
+                ddp.register_comm_hook(state=None, hook=bf16_allreduce_hook if bf16 else avg_allreduce_hook)
 
     # The backward's matmuls leave SMs to the all-reduces beside them (--ddp_gemm_sm_carveout); the
     # forward keeps every SM. Both hooks run on every step, between them exactly the backward.
