@@ -3,7 +3,7 @@
 # caches (a new checkout has none: first `pip download` fla-core==0.6.0 flash-linear-attention==0.6.0 einops, the
 # cp312 pyrwkv-tokenizer and pytest + pluggy + iniconfig + pygments into .whl/). 1 GPU first (compiles everything:
 # >260 s on x1 in r62), then DDP 2 with no overlap at all (one 4 GB bucket: the whole all-reduce after the backward,
-# NCCL with all its channels: ~3 GB at ~329 GB/s = ~9.5 ms exposed, against DDP's ~45 ms now), then DDP 2 with both
+# NCCL with all its channels: ~3 GB at ~329 GB/s = ~9 ms exposed, against DDP's ~45 ms now), then DDP 2 with both
 # unmeasured overlap fixes (--ddp_gemm_sm_carveout 8 --ddp_avg_in_allreduce 1). r64 (defaults): 1.75x. Needs DDP 2 <=
 # 2/1.8 x the 1-GPU step. Bring kcache_new back.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/fla_core*.whl .whl/flash_linear*.whl .whl/einops*.whl .whl/pyrwkv*.whl || exit 1
