@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # After run65 (nvidia-h100-x2, its kcache_new in .kcache/): the new GPU tests (SM carveout; NCCL AVG hook on 2 GPUs),
-# then 1 GPU and each change alone, and both with rank 0's profile of one more step.
+# then 1 GPU, DDP 2 with each overlap change alone and with the defaults (r64), and both changes with rank 0's
+# profile of one more step. Adapt to what run65 found.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/fla_core*.whl .whl/flash_linear*.whl .whl/einops*.whl .whl/pyrwkv*.whl .whl/pytest*.whl .whl/pluggy*.whl .whl/iniconfig*.whl .whl/pygments*.whl || exit 1
 for k in .kcache/kcache*.tar.xz; do [ -f $k ] && tar xJf $k; done
 touch /tmp/marker
@@ -22,6 +23,7 @@ r 90 python3 -m pytest -q -p no:cacheprovider tests/test_train_schedule.py tests
 r 110 python3 benchmarks/bench_train_gpu.py $S2 $M
 r 120 python3 benchmarks/bench_train_gpu.py $S2 $M --devices 2 --ddp_gemm_sm_carveout 8
 r 120 python3 benchmarks/bench_train_gpu.py $S2 $M --devices 2 --ddp_avg_in_allreduce 1
+r 120 python3 benchmarks/bench_train_gpu.py $S2 $M --devices 2
 r 140 python3 benchmarks/bench_train_gpu.py $S2 $M --devices 2 --ddp_gemm_sm_carveout 8 --ddp_avg_in_allreduce 1 --profile
 find .kernel_cache -newer /tmp/marker -type f | tar cJf $OUT/kcache_new.tar.xz -T - 2>/dev/null
 grep -E "^##|^ +[0-9]+ |OOM|Error|H100|H200|exposed|passed|failed" $OUT/ddp.txt | cut -c1-260
