@@ -29,6 +29,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from visualrwkv.train.strategies import BackwardGemmCarveout  # noqa: E402  (train's --ddp_gemm_sm_carveout)
+
 
 def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,20 +81,6 @@ class Matmuls:
                 torch.mm(self.x, self.w_att)
             torch.mm(self.x, self.w_key)
             torch.mm(self.h, self.w_val)
-
-
-def _carveout(sms: int) -> Tuple[object, Optional[int]]:
-    """Route matmuls to cuBLASLt targeting ``sms`` SMs fewer (0: back to cuBLAS, every SM); returns the old state."""
-    old = (torch.backends.cuda.preferred_blas_library(), torch._C._get_sm_carveout_experimental())
-    if sms:
-        torch.backends.cuda.preferred_blas_library("cublaslt")
-        torch._C._set_sm_carveout_experimental(sms)
-    return old
-
-
-def _restore(old) -> None:
-    torch.backends.cuda.preferred_blas_library(old[0])
-    torch._C._set_sm_carveout_experimental(old[1])
 
 
 def _time(fn, repeats: int) -> float:
@@ -160,11 +150,12 @@ def _worker(rank: int, world: int, store: str, a: argparse.Namespace) -> None:
 
     alone = _time(mm.run, a.repeats)
     rows.append(("matmul pass alone (cuBLAS)", alone, f"{mm.flops / alone / 1e9:.0f} TFLOP/s"))
-    old = _carveout(a.carveout)
+    carveout = BackwardGemmCarveout(a.carveout)
+    carveout.enter(device)
     try:
         lt = _time(mm.run, a.repeats)
     finally:
-        _restore(old)
+        carveout.exit()
     rows.append((f"matmul pass alone, cuBLASLt leaving {a.carveout} SMs", lt, f"{mm.flops / lt / 1e9:.0f} TFLOP/s"))
     for name, g in groups.items():
         one = _time(lambda: dist.all_reduce(buf, group=g), a.repeats)
@@ -177,11 +168,12 @@ def _worker(rank: int, world: int, store: str, a: argparse.Namespace) -> None:
     n_reduce = max(4, int(alone / max(rows[2][1], 1e-3)) + 4)
     for name, g in groups.items():
         for sms in (0, a.carveout):
-            old = _carveout(sms)
+            carveout = BackwardGemmCarveout(sms)  # sms 0: cuBLAS, every SM
+            carveout.enter(device)
             try:
                 mm_ms, all_ms = _beside(mm, g, buf, n_reduce, a.repeats)
             finally:
-                _restore(old)
+                carveout.exit()
             label = f"matmul pass beside {n_reduce} all-reduces, {name}" + (f", leaving {sms} SMs" if sms else "")
             rows.append((label, mm_ms, f"x{mm_ms / alone:.2f} of alone; all-reduces done at {all_ms:.1f} ms"))
     say(f"| {'what':<96} | {'ms':>8} | |")
@@ -200,7 +192,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"bench_overlap.py: needs 2 or more CUDA GPUs (found {n}; --gpus {a.gpus}); nothing to measure here",
               file=sys.stderr)
         return 0
-    if not hasattr(torch._C, "_set_sm_carveout_experimental"):
+    if not BackwardGemmCarveout.supported():
         print(f"bench_overlap.py: this PyTorch ({torch.__version__}) has no SM carveout for matmuls", file=sys.stderr)
         return 2
     import torch.multiprocessing as mp

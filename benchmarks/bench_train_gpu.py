@@ -51,6 +51,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from visualrwkv.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
+from visualrwkv.train.config import TrainConfig  # noqa: E402  (its defaults are the DDP flags' defaults)
 
 
 def ints(text: str) -> List[int]:
@@ -135,19 +136,19 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--ddp", type=int, choices=[0, 1], default=0,
                    help="with --lightning: 1 wraps the model in DDP also on one GPU (DDP's own cost with no partner "
                         "to wait for; its compiled graphs, split at the buckets, are those of --devices 2 and 4)")
-    p.add_argument("--ddp_bucket_mb", type=int, default=100,
+    p.add_argument("--ddp_bucket_mb", type=int, default=TrainConfig.ddp_bucket_mb,
                    help="with --devices > 1 or --ddp 1: all-reduce bucket size in MB (train --ddp_bucket_mb, default 100; 25 = "
                         "torch DDP's default, the baseline)")
-    p.add_argument("--ddp_nccl_high_priority", type=int, choices=[0, 1], default=1,
+    p.add_argument("--ddp_nccl_high_priority", type=int, choices=[0, 1], default=TrainConfig.ddp_nccl_high_priority,
                    help="with --devices > 1: NCCL on a high-priority stream (train --ddp_nccl_high_priority, "
                         "default 1; 0 = the baseline)")
-    p.add_argument("--ddp_nccl_ctas", type=int, default=8,
+    p.add_argument("--ddp_nccl_ctas", type=int, default=TrainConfig.ddp_nccl_ctas,
                    help="with --devices > 1: at most this many CTAs per NCCL kernel (train --ddp_nccl_ctas, "
                         "default 8; 0 = NCCL's choice, the baseline)")
-    p.add_argument("--ddp_gemm_sm_carveout", type=int, default=0,
+    p.add_argument("--ddp_gemm_sm_carveout", type=int, default=TrainConfig.ddp_gemm_sm_carveout,
                    help="with --devices > 1 or --ddp 1: the backward's matmuls leave this many SMs to the "
                         "all-reduces (train --ddp_gemm_sm_carveout; 0 = every SM, the baseline)")
-    p.add_argument("--ddp_avg_in_allreduce", type=int, choices=[0, 1], default=0,
+    p.add_argument("--ddp_avg_in_allreduce", type=int, choices=[0, 1], default=TrainConfig.ddp_avg_in_allreduce,
                    help="with --devices > 1 or --ddp 1: average in NCCL's all-reduce (train --ddp_avg_in_allreduce; "
                         "0 = DDP's division of every gradient, the baseline)")
     p.add_argument("--ddp_grad_dtype", choices=["fp32", "bf16"], default="fp32",
@@ -440,13 +441,16 @@ class GCClock:
                 f"{'/'.join(map(str, self.by_gen))}); {len(gc.get_objects())} tracked objects")
 
 
+def uses_ddp(a: argparse.Namespace) -> bool:
+    """Whether the Lightning run wraps the model in DDP: several GPUs, or --ddp 1 on one."""
+    return a.devices > 1 or bool(a.ddp)
+
 
 def time_lightning(model, batches, a, device) -> float:
     """Seconds per step through pl.Trainer with VisualRWKVTrainModule (the 'visualrwkv train' step)."""
     import lightning.pytorch as pl
 
     from visualrwkv.train.cli import make_strategy
-    from visualrwkv.train.config import TrainConfig
     from visualrwkv.train.module import VisualRWKVTrainModule
 
     cpu = [{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
@@ -460,7 +464,7 @@ def time_lightning(model, batches, a, device) -> float:
                       master_weights=a.master_weights, ddp_bucket_mb=a.ddp_bucket_mb,
                       ddp_nccl_high_priority=a.ddp_nccl_high_priority, ddp_nccl_ctas=a.ddp_nccl_ctas,
                       ddp_gemm_sm_carveout=a.ddp_gemm_sm_carveout, ddp_avg_in_allreduce=a.ddp_avg_in_allreduce,
-                      strategy="ddp" if a.devices > 1 or a.ddp else "auto")
+                      strategy="ddp" if uses_ddp(a) else "auto")
     trainable = [n_ for n_, p in model.named_parameters() if p.requires_grad]
     module = VisualRWKVTrainModule(model, cfg, trainable)
 
@@ -532,7 +536,7 @@ def time_lightning(model, batches, a, device) -> float:
 
     timer = Timer()
     precision = "32-true" if device.type != "cuda" else a.precision
-    multi = a.devices > 1 or bool(a.ddp)
+    multi = uses_ddp(a)
     # With DDP every rank steps through the same n batches (no distributed sampler: the list is a
     # stand-in for a per-rank data stream), so each rank does a full micro-batch per step. The DDP
     # strategy is the one 'visualrwkv train --strategy ddp' builds (gradients in the buckets).
@@ -557,7 +561,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("bench_train_gpu.py: no CUDA GPU found; nothing to measure here "
               "(use --tiny for a CPU smoke run of the same code)", file=sys.stderr)
         return 0
-    if (a.devices > 1 or a.ddp) and not a.lightning:
+    if uses_ddp(a) and not a.lightning:
         print("bench_train_gpu.py: --devices > 1 and --ddp 1 need --lightning (DDP through pl.Trainer)", file=sys.stderr)
         return 2
     rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -604,7 +608,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     ddp = (f" (DDP, {a.ddp_bucket_mb} MB buckets, NCCL stream priority {'high' if a.ddp_nccl_high_priority else 'normal'}"
            f", {a.ddp_nccl_ctas or 'NCCL-chosen'} CTAs, backward matmuls leave {a.ddp_gemm_sm_carveout} SMs, "
-           f"{'AVG in the all-reduce' if a.ddp_avg_in_allreduce else 'DDP divides each gradient'})") if a.lightning and (a.devices > 1 or a.ddp) else ""
+           f"{'AVG in the all-reduce' if a.ddp_avg_in_allreduce else 'DDP divides each gradient'})") if a.lightning and uses_ddp(a) else ""
     say(f"# {name} x {a.devices if a.lightning else 1}{ddp}; model {model.rwkv.cfg.n_layer} x {model.rwkv.cfg.n_embd}, vocab {model.rwkv.cfg.vocab_size}, "
           f"{n_params / 1e9:.2f}B parameters incl. tower; {model.n_image_tokens} image tokens/sample; "
           f"precision {a.precision if device.type == 'cuda' else 'fp32'}; grad_cp {a.grad_cp}; pack {a.pack}; "

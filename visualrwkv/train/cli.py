@@ -241,6 +241,12 @@ def train(cfg: TrainConfig) -> Optional[TrainResult]:
     if cfg.master_weights and cfg.lightning_precision != "bf16-mixed":
         raise UserError(f"--master_weights 1 is for bf16 autocast training; this run's precision is {cfg.precision} "
                         "(pass --precision bf16, or --master_weights 0)")
+    if cfg.ddp_gemm_sm_carveout and cuda:
+        from visualrwkv.train.strategies import BackwardGemmCarveout
+
+        if not BackwardGemmCarveout.supported():
+            raise UserError(f"--ddp_gemm_sm_carveout {cfg.ddp_gemm_sm_carveout}: this PyTorch ({torch.__version__}) "
+                            "has no SM carveout for matmuls; use --ddp_gemm_sm_carveout 0")
     strategy = make_strategy(cfg)
     loggers = _loggers(cfg)
     if cfg.random_seed >= 0:

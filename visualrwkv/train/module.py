@@ -146,9 +146,6 @@ class VisualRWKVTrainModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------ optimizer
     def on_train_start(self) -> None:
-        if self.gemm_carveout.sms and self.device.type == "cuda" and not self.gemm_carveout.supported():
-            raise UserError(f"--ddp_gemm_sm_carveout {self.gemm_carveout.sms}: this PyTorch ({torch.__version__}) "
-                            "has no SM carveout for matmuls; use --ddp_gemm_sm_carveout 0")
         # --ddp_grad_dtype bf16 (optim.bf16_allreduce_hook). Registered here, on the DDP wrapper
         # Lightning has built by now, rather than through DDPStrategy(ddp_comm_hook=...), which
         # Lightning applies on CUDA only: this way the CPU test runs the same code.
