@@ -147,23 +147,29 @@ def _worker(rank: int, world: int, store: str, a: argparse.Namespace) -> None:
         f"{nccl}; matmul pass: {a.layers} layers x 6 matmuls, "
         f"{a.tokens} tokens, {mm.flops / 1e12:.2f} TFLOP; all-reduces of {a.bucket_mb} MB (bf16)")
     rows: List[Tuple[str, float, str]] = []
+    say(f"| {'what':<96} | {'ms':>8} | |")
+    say(f"|{'-' * 98}|{'-' * 10}|---|")
+
+    def add(name: str, ms: float, note: str) -> None:  # each row as soon as it is measured (a slow one shows where)
+        rows.append((name, ms, note))
+        say(f"| {name:<96} | {ms:>8.2f} | {note} |", flush=True)
 
     alone = _time(mm.run, a.repeats)
-    rows.append(("matmul pass alone (cuBLAS)", alone, f"{mm.flops / alone / 1e9:.0f} TFLOP/s"))
+    add("matmul pass alone (cuBLAS)", alone, f"{mm.flops / alone / 1e9:.0f} TFLOP/s")
     carveout = BackwardGemmCarveout(a.carveout)
     carveout.enter(device)
     try:
         lt = _time(mm.run, a.repeats)
     finally:
         carveout.exit()
-    rows.append((f"matmul pass alone, cuBLASLt leaving {a.carveout} SMs", lt, f"{mm.flops / lt / 1e9:.0f} TFLOP/s"))
+    add(f"matmul pass alone, cuBLASLt leaving {a.carveout} SMs", lt, f"{mm.flops / lt / 1e9:.0f} TFLOP/s")
     for name, g in groups.items():
         one = _time(lambda: dist.all_reduce(buf, group=g), a.repeats)
         busbw = buf.numel() * 2 / (one / 1e3) * 2 * (world - 1) / world / 1e9
-        rows.append((f"one {a.bucket_mb} MB all-reduce alone, {name}", one, f"bus {busbw:.0f} GB/s"))
+        add(f"one {a.bucket_mb} MB all-reduce alone, {name}", one, f"bus {busbw:.0f} GB/s")
     whole = _time(lambda: dist.all_reduce(grad, group=groups["NCCL defaults"]), max(1, a.repeats // 2))
-    rows.append((f"the whole {a.grad_gb} GB gradient reduced alone (no overlap), NCCL defaults", whole,
-                 f"bus {grad.numel() * 2 / (whole / 1e3) * 2 * (world - 1) / world / 1e9:.0f} GB/s"))
+    add(f"the whole {a.grad_gb} GB gradient reduced alone (no overlap), NCCL defaults", whole,
+        f"bus {grad.numel() * 2 / (whole / 1e3) * 2 * (world - 1) / world / 1e9:.0f} GB/s")
     # enough all-reduces to outlast the matmul pass even at full speed
     n_reduce = max(4, int(alone / max(rows[2][1], 1e-3)) + 4)
     for name, g in groups.items():
@@ -175,11 +181,7 @@ def _worker(rank: int, world: int, store: str, a: argparse.Namespace) -> None:
             finally:
                 carveout.exit()
             label = f"matmul pass beside {n_reduce} all-reduces, {name}" + (f", leaving {sms} SMs" if sms else "")
-            rows.append((label, mm_ms, f"x{mm_ms / alone:.2f} of alone; all-reduces done at {all_ms:.1f} ms"))
-    say(f"| {'what':<96} | {'ms':>8} | |")
-    say(f"|{'-' * 98}|{'-' * 10}|---|")
-    for name, ms, note in rows:
-        say(f"| {name:<96} | {ms:>8.2f} | {note} |")
+            add(label, mm_ms, f"x{mm_ms / alone:.2f} of alone; all-reduces done at {all_ms:.1f} ms")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -137,20 +137,21 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="with --lightning: 1 wraps the model in DDP also on one GPU (DDP's own cost with no partner "
                         "to wait for; its compiled graphs, split at the buckets, are those of --devices 2 and 4)")
     p.add_argument("--ddp_bucket_mb", type=int, default=TrainConfig.ddp_bucket_mb,
-                   help="with --devices > 1 or --ddp 1: all-reduce bucket size in MB (train --ddp_bucket_mb, default 100; 25 = "
-                        "torch DDP's default, the baseline)")
+                   help="with --devices > 1 or --ddp 1: all-reduce bucket size in MB (train --ddp_bucket_mb; default 0 = "
+                        "the whole gradient in one all-reduce after the backward; 100 = buckets overlapping it, the "
+                        "earlier default; 25 = torch DDP's own)")
     p.add_argument("--ddp_nccl_high_priority", type=int, choices=[0, 1], default=TrainConfig.ddp_nccl_high_priority,
                    help="with --devices > 1: NCCL on a high-priority stream (train --ddp_nccl_high_priority, "
-                        "default 1; 0 = the baseline)")
+                        "default 1; 0 = PyTorch's default)")
     p.add_argument("--ddp_nccl_ctas", type=int, default=TrainConfig.ddp_nccl_ctas,
-                   help="with --devices > 1: at most this many CTAs per NCCL kernel (train --ddp_nccl_ctas, "
-                        "default 8; 0 = NCCL's choice, the baseline)")
+                   help="with --devices > 1: at most this many CTAs per NCCL kernel (train --ddp_nccl_ctas; default "
+                        "-1 = 8 with overlapping buckets, NCCL's choice with one bucket; 0 = NCCL's choice)")
     p.add_argument("--ddp_gemm_sm_carveout", type=int, default=TrainConfig.ddp_gemm_sm_carveout,
                    help="with --devices > 1 or --ddp 1: the backward's matmuls leave this many SMs to the "
-                        "all-reduces (train --ddp_gemm_sm_carveout; 0 = every SM, the baseline)")
+                        "all-reduces (train --ddp_gemm_sm_carveout; 0 = every SM)")
     p.add_argument("--ddp_avg_in_allreduce", type=int, choices=[0, 1], default=TrainConfig.ddp_avg_in_allreduce,
-                   help="with --devices > 1 or --ddp 1: average in NCCL's all-reduce (train --ddp_avg_in_allreduce; "
-                        "0 = DDP's division of every gradient, the baseline)")
+                   help="with --devices > 1 or --ddp 1: average in NCCL's all-reduce (train --ddp_avg_in_allreduce, "
+                        "default 1; 0 = DDP's division of every gradient)")
     p.add_argument("--ddp_grad_dtype", choices=["fp32", "bf16"], default="fp32",
                    help="with --devices > 1: gradient all-reduce dtype (train --ddp_grad_dtype; fp32 = the baseline)")
     p.add_argument("--lightning", action="store_true",
@@ -606,8 +607,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    ddp = (f" (DDP, {a.ddp_bucket_mb} MB buckets, NCCL stream priority {'high' if a.ddp_nccl_high_priority else 'normal'}"
-           f", {a.ddp_nccl_ctas or 'NCCL-chosen'} CTAs, backward matmuls leave {a.ddp_gemm_sm_carveout} SMs, "
+    dcfg = TrainConfig(ddp_bucket_mb=a.ddp_bucket_mb, ddp_nccl_ctas=a.ddp_nccl_ctas)  # the derived DDP settings
+    buckets = "one bucket after the backward" if dcfg.ddp_one_bucket else f"{dcfg.ddp_bucket_cap_mb:g} MB buckets"
+    ddp = (f" (DDP, {buckets}, NCCL stream priority {'high' if a.ddp_nccl_high_priority else 'normal'}"
+           f", {dcfg.ddp_max_ctas or 'NCCL-chosen'} CTAs, backward matmuls leave {a.ddp_gemm_sm_carveout} SMs, "
            f"{'AVG in the all-reduce' if a.ddp_avg_in_allreduce else 'DDP divides each gradient'})") if a.lightning and uses_ddp(a) else ""
     say(f"# {name} x {a.devices if a.lightning else 1}{ddp}; model {model.rwkv.cfg.n_layer} x {model.rwkv.cfg.n_embd}, vocab {model.rwkv.cfg.vocab_size}, "
           f"{n_params / 1e9:.2f}B parameters incl. tower; {model.n_image_tokens} image tokens/sample; "

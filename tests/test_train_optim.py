@@ -158,7 +158,8 @@ def test_avg_allreduce_hook_equals_ddps_own_average(tmp_path):
 
 
 @pytest.mark.parametrize("flags, hook", [({}, None), ({"ddp_avg_in_allreduce": 1}, "avg_allreduce_hook"),
-                                         ({"ddp_grad_dtype": "bf16"}, "bf16_allreduce_hook")])
+                                         ({"ddp_grad_dtype": "bf16"}, "bf16_allreduce_hook"),
+                                         ({"ddp_grad_dtype": "bf16", "ddp_avg_in_allreduce": 1}, "bf16_allreduce_hook")])
 def test_train_module_registers_the_chosen_allreduce_hook(tmp_path, flags, hook):
     import types
 

@@ -104,9 +104,9 @@ def make_strategy(cfg: TrainConfig):
         # The only buffers are constants every rank builds alike (the tower's position ids, (1, 577) int64),
         # so DDP's default broadcast of them from rank 0 before every forward (a 4616-byte collective in every
         # step of r64's NCCL log, and a meeting point of the ranks) is left out.
-        return NCCLTunedDDPStrategy(nccl_env=nccl_env(cfg.ddp_nccl_high_priority, cfg.ddp_nccl_ctas),
+        return NCCLTunedDDPStrategy(nccl_env=nccl_env(cfg.ddp_nccl_high_priority, cfg.ddp_max_ctas),
                                     find_unused_parameters=False, gradient_as_bucket_view=True,
-                                    bucket_cap_mb=cfg.ddp_bucket_mb, broadcast_buffers=False)
+                                    bucket_cap_mb=cfg.ddp_bucket_cap_mb, broadcast_buffers=False)
     if name != "auto" and name not in StrategyRegistry:
         raise UserError(f"--strategy {name}: unknown; use auto, ddp, fsdp, deepspeed_stage_1, deepspeed_stage_2 or "
                         "deepspeed_stage_3 (or another strategy name registered in Lightning)")

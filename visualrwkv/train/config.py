@@ -21,6 +21,9 @@ from typing import Any, Dict, List, Optional, Union
 
 from visualrwkv.errors import UserError
 
+# DDP's bucket_cap_mb for "one bucket": 1 TiB, larger than any gradient (DDP sizes its buckets to the parameters).
+ONE_BUCKET_MB = 1 << 20
+
 STAGE1_EXAMPLE = """\
   # stage 1 (pre-training): only the projector learns (--freeze_rwkv = n_layer)
   visualrwkv train --load_model RWKV-x060-World-1B6-v2.1-20240328-ctx4096.pth \\
@@ -157,23 +160,29 @@ class TrainConfig:
     precision: Optional[str] = None  # None = bf16 on a CUDA GPU with bf16, else fp32
     strategy: str = "auto"
     ds_bucket_mb: int = 200
-    # with --strategy ddp: gradient all-reduce bucket size. torch's 25 MB gave 74 all-reduces per 1.6B stage-2 step that
-    # NCCL ran with its low-latency protocol at ~157 GB/s; 100 MB: DDP on 2 x H200 306.6 ms vs 312.3 (r60).
-    ddp_bucket_mb: int = 100
+    # with --strategy ddp: gradient all-reduce bucket size in MB. 0 (default) = on one node, one bucket holding the
+    # whole gradient, all-reduced once after the backward; across nodes 100 MB buckets that overlap it. Overlap
+    # costs more than it hides on NVLink: the all-reduce kernels beside the backward slow its matmuls (r63's DDP-4
+    # profile: matmuls 174.8 ms vs 135.8 alone), while the whole 2.98 GB moves in ~9 ms. 2 x H100 (r67), 1 GPU
+    # 308.8 ms: one bucket 340.7 ms (1.81x) vs 100 MB buckets overlapping, SM carveout 8, 343.7 ms; r64: 100 MB
+    # overlapping, 357.6 ms vs 312.7 (1.75x). torch's 25 MB gave 74 all-reduces per step at ~157 GB/s.
+    ddp_bucket_mb: int = 0
     ddp_grad_dtype: str = "fp32"  # with --strategy ddp: dtype of the gradient all-reduce (bf16 halves its bytes)
     # with --strategy ddp: NCCL's kernels on a high-priority CUDA stream (1), and at most this many CTAs (SMs) per
-    # NCCL kernel (0 = NCCL's choice). The all-reduces overlap the backward: in r63's DDP-4 profile (NCCL's defaults)
-    # its kernels were resident 316 ms of a 461 ms step, holding SMs or waiting for them behind the backward's GEMMs.
-    # Both set (r64) against NCCL's defaults (r63), 4 x H100, 100 MB buckets, 1 GPU 312.7 / 313.5 ms in each:
-    # DDP 4 355.5 vs 370.6 ms, DDP 2 357.6 vs 386.2 ms.
+    # NCCL kernel (0 = NCCL's choice; -1, default = 8 where buckets overlap the backward, NCCL's choice for the one
+    # bucket after it). Where they overlap, r63's DDP-4 profile (NCCL's defaults) had NCCL's kernels resident 316 ms of a
+    # 461 ms step, holding SMs or waiting for them behind the backward's GEMMs. Both set (r64) against NCCL's
+    # defaults (r63), 4 x H100, 100 MB buckets, 1 GPU 312.7 / 313.5 ms in each: DDP 4 355.5 vs 370.6 ms, DDP 2
+    # 357.6 vs 386.2 ms.
     ddp_nccl_high_priority: int = 1
-    ddp_nccl_ctas: int = 8
+    ddp_nccl_ctas: int = -1
     # with --strategy ddp: the backward's matmuls leave this many SMs to the all-reduce kernels beside them
     # (train/strategies.py::BackwardGemmCarveout); 0 = every SM, as PyTorch does.
     ddp_gemm_sm_carveout: int = 0
-    # with --strategy ddp: average the gradients in the all-reduce (NCCL's AVG) instead of DDP's division of
-    # every gradient before it (optim.avg_allreduce_hook); 0 = DDP's own way.
-    ddp_avg_in_allreduce: int = 0
+    # with --strategy ddp: average the gradients in the all-reduce (NCCL's AVG, 1, default) instead of DDP's
+    # division of every gradient before it, one kernel per parameter (0). With --ddp_grad_dtype bf16 its
+    # own all-reduce hook averages instead.
+    ddp_avg_in_allreduce: int = 1
     master_weights: int = 0  # bf16 linear weights + fp32 masters in the optimizer (no per-step weight casts)
     # ---- logging / state
     wandb: str = ""
@@ -207,6 +216,25 @@ class TrainConfig:
             self.total_optimizer_steps = min(self.total_optimizer_steps, self.max_steps)
         self.decay_total_micro_steps = (self.epoch_begin + self.epoch_count) * self.epoch_steps
         return self
+
+    @property
+    def ddp_one_bucket(self) -> bool:
+        """--strategy ddp reduces the whole gradient in one all-reduce after the backward (--ddp_bucket_mb 0, one node)."""
+        return self.ddp_bucket_mb == 0 and self.num_nodes == 1
+
+    @property
+    def ddp_bucket_cap_mb(self) -> float:
+        """DDP's bucket_cap_mb for --ddp_bucket_mb: 0 = larger than any gradient on one node, 100 across nodes."""
+        if self.ddp_bucket_mb:
+            return float(self.ddp_bucket_mb)
+        return float(ONE_BUCKET_MB) if self.ddp_one_bucket else 100.0
+
+    @property
+    def ddp_max_ctas(self) -> int:
+        """NCCL_MAX_CTAS for --ddp_nccl_ctas (0 = NCCL's choice): -1 = 8 where buckets overlap the backward."""
+        if self.ddp_nccl_ctas >= 0:
+            return self.ddp_nccl_ctas
+        return 0 if self.ddp_one_bucket else 8
 
     def flags(self) -> Dict[str, Any]:
         """The settings as flags (derived fields left out), e.g. for train_log.txt and wandb."""
@@ -349,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "gradients in bf16, as --ddp_grad_dtype bf16), --accumulate_grad_batches 1")
     g.add_argument("--ddp_bucket_mb", type=int, default=d.ddp_bucket_mb,
                    help="with --strategy ddp: size of each gradient all-reduce bucket in MB (DDP's bucket_cap_mb); "
-                        "larger buckets mean fewer, longer all-reduces overlapping the backward")
+                        "buckets are all-reduced while the backward runs. 0 (default): on one node one bucket, the "
+                        "whole gradient all-reduced once after the backward (faster over NVLink: nothing slows the "
+                        "backward's matmuls); across nodes (--num_nodes > 1) 100 MB buckets that overlap it")
     g.add_argument("--ddp_grad_dtype", default=d.ddp_grad_dtype, choices=["fp32", "bf16"],
                    help="with --strategy ddp: all-reduce the gradients in fp32 (exact average) or bf16 (half the "
                         "bytes between GPUs; each bucket rounded to bf16 once, as DeepSpeed's bf16 training "
@@ -361,16 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "TORCH_NCCL_HIGH_PRIORITY, set for the process group); 0 = PyTorch's default stream priority")
     g.add_argument("--ddp_nccl_ctas", type=int, default=d.ddp_nccl_ctas,
                    help="with --strategy ddp: at most this many thread blocks (SMs) per NCCL kernel (NCCL_MAX_CTAS; "
-                        "default 8; 0 = NCCL's own choice): fewer SMs held by the all-reduces that overlap the "
-                        "backward (NCCL's own model for 8 channels on 4 x H100: ring all-reduce at 360 GB/s)")
+                        "0 = NCCL's own choice; -1, default: 8 where buckets overlap the backward, so the all-reduces "
+                        "hold fewer SMs (NCCL's own model for 8 channels on 4 x H100: ring all-reduce at 360 GB/s), "
+                        "NCCL's choice for the one bucket of --ddp_bucket_mb 0)")
     g.add_argument("--ddp_gemm_sm_carveout", type=int, default=d.ddp_gemm_sm_carveout,
                    help="with --strategy ddp on GPUs: the backward's matmuls (through cuBLASLt) target this many "
                         "SMs fewer than the GPU has, leaving them to the all-reduce kernels that run beside them "
                         "(e.g. the --ddp_nccl_ctas value); 0 = every SM (PyTorch's default)")
     g.add_argument("--ddp_avg_in_allreduce", type=int, default=d.ddp_avg_in_allreduce, choices=[0, 1],
-                   help="with --strategy ddp: average the gradients inside the all-reduce (NCCL's AVG; the same "
-                        "result to the bit for 2, 4, 8 ... processes) instead of DDP's division of every gradient "
-                        "before it, one kernel per parameter; 0 = DDP's own way")
+                   help="with --strategy ddp: average the gradients inside the all-reduce (NCCL's AVG, 1, default; the "
+                        "same result to the bit for 2, 4, 8 ... processes) instead of DDP's division of every gradient "
+                        "before it, one kernel per parameter (0); --ddp_grad_dtype bf16 averages in its own hook")
     g = p.add_argument_group("logging and state")
     g.add_argument("--wandb", default=d.wandb, help="Weights & Biases project ('' = off)")
     g.add_argument("--run_name", default=d.run_name, help="run name for wandb")
@@ -446,18 +477,17 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.log_every_n_steps >= 1, f"--log_every_n_steps must be at least 1; got {cfg.log_every_n_steps}")
     need(cfg.save_state_every_steps >= 0, "--save_state_every_steps must be >= 0")
     need(cfg.ds_bucket_mb >= 1, "--ds_bucket_mb must be positive")
-    need(cfg.ddp_bucket_mb >= 1, f"--ddp_bucket_mb must be at least 1; got {cfg.ddp_bucket_mb}")
+    need(cfg.ddp_bucket_mb >= 0, f"--ddp_bucket_mb must be 0 (one bucket on one node) or more; got {cfg.ddp_bucket_mb}")
     need(0 <= cfg.ddp_gemm_sm_carveout <= 64,
          f"--ddp_gemm_sm_carveout must be 0 (every SM) to 64; got {cfg.ddp_gemm_sm_carveout}")
     need(cfg.ddp_gemm_sm_carveout == 0 or cfg.strategy == "ddp",
          f"--ddp_gemm_sm_carveout applies to --strategy ddp (got --strategy {cfg.strategy})")
-    need(cfg.ddp_avg_in_allreduce == 0 or (cfg.strategy == "ddp" and cfg.ddp_grad_dtype == "fp32"),
-         f"--ddp_avg_in_allreduce 1 applies to --strategy ddp with --ddp_grad_dtype fp32 (got --strategy "
-         f"{cfg.strategy}, --ddp_grad_dtype {cfg.ddp_grad_dtype}: its bf16 all-reduce averages already)")
-    need(0 <= cfg.ddp_nccl_ctas <= 64, f"--ddp_nccl_ctas must be 0 (NCCL's choice) to 64; got {cfg.ddp_nccl_ctas}")
-    need((cfg.ddp_nccl_high_priority, cfg.ddp_nccl_ctas) == (TrainConfig.ddp_nccl_high_priority, TrainConfig.ddp_nccl_ctas)
-         or cfg.strategy == "ddp",
-         f"--ddp_nccl_high_priority / --ddp_nccl_ctas apply to --strategy ddp (got --strategy {cfg.strategy})")
+    need(-1 <= cfg.ddp_nccl_ctas <= 64,
+         f"--ddp_nccl_ctas must be -1 (8 with overlapping buckets), 0 (NCCL's choice) or up to 64; got {cfg.ddp_nccl_ctas}")
+    ddp_flags = ("ddp_bucket_mb", "ddp_nccl_high_priority", "ddp_nccl_ctas", "ddp_avg_in_allreduce")
+    changed = [f"--{k} {getattr(cfg, k)}" for k in ddp_flags if getattr(cfg, k) != getattr(TrainConfig, k)]
+    need(not changed or cfg.strategy == "ddp",
+         f"{', '.join(changed)}: DDP settings, for --strategy ddp (got --strategy {cfg.strategy})")
     need(cfg.ddp_grad_dtype == "fp32" or cfg.strategy == "ddp",
          f"--ddp_grad_dtype {cfg.ddp_grad_dtype} applies to --strategy ddp (got --strategy {cfg.strategy}; "
          "DeepSpeed and FSDP reduce in their own precision)")
