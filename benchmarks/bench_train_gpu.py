@@ -137,9 +137,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="with --lightning: 1 wraps the model in DDP also on one GPU (DDP's own cost with no partner "
                         "to wait for; its compiled graphs, split at the buckets, are those of --devices 2 and 4)")
     p.add_argument("--ddp_bucket_mb", type=int, default=TrainConfig.ddp_bucket_mb,
-                   help="with --devices > 1 or --ddp 1: all-reduce bucket size in MB (train --ddp_bucket_mb; default 0 = "
-                        "the whole gradient in one all-reduce after the backward; 100 = buckets overlapping it, the "
-                        "earlier default; 25 = torch DDP's own)")
+                   help="with --devices > 1 or --ddp 1: all-reduce bucket size in MB (train --ddp_bucket_mb; default 100, "
+                        "buckets overlapping the backward; 0 = the whole gradient in one all-reduce after it; "
+                        "25 = torch DDP's own)")
     p.add_argument("--ddp_nccl_high_priority", type=int, choices=[0, 1], default=TrainConfig.ddp_nccl_high_priority,
                    help="with --devices > 1: NCCL on a high-priority stream (train --ddp_nccl_high_priority, "
                         "default 1; 0 = PyTorch's default)")

@@ -309,23 +309,23 @@ def test_optional_extras_missing_give_one_clear_message():
 
     from visualrwkv.train.config import ONE_BUCKET_MB
 
-    ddp = make_strategy(parse_args(BASE + ["--strategy", "ddp"]))  # the defaults on one node
-    assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs["bucket_cap_mb"] == ONE_BUCKET_MB  # one bucket
+    overlap = {"TORCH_NCCL_HIGH_PRIORITY": "1", "NCCL_MAX_CTAS": "8"}  # buckets beside the backward: 8 CTAs
+    ddp = make_strategy(parse_args(BASE + ["--strategy", "ddp"]))  # the defaults
+    assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs["bucket_cap_mb"] == 100 and ddp.nccl_env == overlap
     assert ddp._ddp_kwargs["gradient_as_bucket_view"] and not ddp._ddp_kwargs["find_unused_parameters"]
     assert ddp._ddp_kwargs["broadcast_buffers"] is False
-    assert ddp.nccl_env == {"TORCH_NCCL_HIGH_PRIORITY": "1"}  # NCCL's own CTAs for the one all-reduce
-    overlap = {"TORCH_NCCL_HIGH_PRIORITY": "1", "NCCL_MAX_CTAS": "8"}  # buckets beside the backward: 8 CTAs
-    ddp = make_strategy(parse_args(BASE + ["--strategy", "ddp", "--ddp_bucket_mb", "100"]))
-    assert ddp._ddp_kwargs["bucket_cap_mb"] == 100 and ddp.nccl_env == overlap
-    nodes = make_strategy(parse_args(BASE + ["--strategy", "ddp", "--num_nodes", "2"]))  # across nodes: overlap
-    assert nodes._ddp_kwargs["bucket_cap_mb"] == 100 and nodes.nccl_env == overlap
+    one = make_strategy(parse_args(BASE + ["--strategy", "ddp", "--ddp_bucket_mb", "0"]))  # one node: one bucket
+    assert one._ddp_kwargs["bucket_cap_mb"] == ONE_BUCKET_MB
+    assert one.nccl_env == {"TORCH_NCCL_HIGH_PRIORITY": "1"}  # NCCL's own CTAs for the one all-reduce, alone
+    nodes = make_strategy(parse_args(BASE + ["--strategy", "ddp", "--ddp_bucket_mb", "0", "--num_nodes", "2"]))
+    assert nodes._ddp_kwargs["bucket_cap_mb"] == 100 and nodes.nccl_env == overlap  # across nodes: overlap
     plain = make_strategy(parse_args(BASE + ["--strategy", "ddp", "--ddp_bucket_mb", "25", "--ddp_nccl_high_priority",
                                              "0", "--ddp_nccl_ctas", "0"]))
     assert plain.nccl_env == {}  # PyTorch's and NCCL's own choices: the environment is left alone
     assert make_strategy(parse_args(BASE + ["--strategy", "ddp", "--ddp_nccl_ctas", "4"])).nccl_env["NCCL_MAX_CTAS"] == "4"
     for bad, msg in ((["--ddp_nccl_ctas", "4"], "--ddp_nccl_ctas 4: DDP settings, for --strategy ddp"),
-                     (["--ddp_bucket_mb", "100", "--ddp_avg_in_allreduce", "0"],
-                      "--ddp_bucket_mb 100, --ddp_avg_in_allreduce 0: DDP settings, for --strategy ddp"),
+                     (["--ddp_bucket_mb", "0", "--ddp_avg_in_allreduce", "0"],
+                      "--ddp_bucket_mb 0, --ddp_avg_in_allreduce 0: DDP settings, for --strategy ddp"),
                      (["--strategy", "ddp", "--ddp_bucket_mb", "-1"], "--ddp_bucket_mb must be 0"),
                      (["--strategy", "ddp", "--ddp_nccl_ctas", "65"], "--ddp_nccl_ctas must be -1")):
         with pytest.raises(UserError, match=msg):

@@ -160,17 +160,16 @@ class TrainConfig:
     precision: Optional[str] = None  # None = bf16 on a CUDA GPU with bf16, else fp32
     strategy: str = "auto"
     ds_bucket_mb: int = 200
-    # with --strategy ddp: gradient all-reduce bucket size in MB. 0 (default) = on one node, one bucket holding the
-    # whole gradient, all-reduced once after the backward; across nodes 100 MB buckets that overlap it. Overlap
-    # costs more than it hides on NVLink: the all-reduce kernels beside the backward slow its matmuls (r63's DDP-4
-    # profile: matmuls 174.8 ms vs 135.8 alone), while the whole 2.98 GB moves in ~9 ms. 2 x H100 (r67), 1 GPU
-    # 308.8 ms: one bucket 340.7 ms (1.81x) vs 100 MB buckets overlapping, SM carveout 8, 343.7 ms; r64: 100 MB
-    # overlapping, 357.6 ms vs 312.7 (1.75x). torch's 25 MB gave 74 all-reduces per step at ~157 GB/s.
-    ddp_bucket_mb: int = 0
+    # with --strategy ddp: gradient all-reduce bucket size in MB; the buckets are all-reduced while the backward runs.
+    # 0 = on one node one bucket, the whole gradient all-reduced once after the backward (100 MB across nodes). In
+    # one call on 4 x H100 (r69, 1 GPU 312.4 ms) 100 MB buckets won on 2 GPUs, 344.2 ms (1.815x) vs one bucket
+    # 352.1; on 4 GPUs (r68/r69) 358.4 vs 359.7. On a 2 x H100 host (r67, 1 GPU 308.8) one bucket took 340.7 ms.
+    # torch's 25 MB gave 74 all-reduces per step that NCCL ran with its low-latency protocol at ~157 GB/s.
+    ddp_bucket_mb: int = 100
     ddp_grad_dtype: str = "fp32"  # with --strategy ddp: dtype of the gradient all-reduce (bf16 halves its bytes)
     # with --strategy ddp: NCCL's kernels on a high-priority CUDA stream (1), and at most this many CTAs (SMs) per
     # NCCL kernel (0 = NCCL's choice; -1, default = 8 where buckets overlap the backward, NCCL's choice for the one
-    # bucket after it). Where they overlap, r63's DDP-4 profile (NCCL's defaults) had NCCL's kernels resident 316 ms of a
+    # bucket of --ddp_bucket_mb 0, which runs alone). Where they overlap, r63's DDP-4 profile (NCCL's defaults) had NCCL's kernels resident 316 ms of a
     # 461 ms step, holding SMs or waiting for them behind the backward's GEMMs. Both set (r64) against NCCL's
     # defaults (r63), 4 x H100, 100 MB buckets, 1 GPU 312.7 / 313.5 ms in each: DDP 4 355.5 vs 370.6 ms, DDP 2
     # 357.6 vs 386.2 ms.
@@ -181,7 +180,7 @@ class TrainConfig:
     ddp_gemm_sm_carveout: int = 0
     # with --strategy ddp: average the gradients in the all-reduce (NCCL's AVG, 1, default) instead of DDP's
     # division of every gradient before it, one kernel per parameter (0). With --ddp_grad_dtype bf16 its
-    # own all-reduce hook averages instead.
+    # own all-reduce hook averages instead. r69's DDP rows ran with it (not measured apart).
     ddp_avg_in_allreduce: int = 1
     master_weights: int = 0  # bf16 linear weights + fp32 masters in the optimizer (no per-step weight casts)
     # ---- logging / state
@@ -377,9 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "gradients in bf16, as --ddp_grad_dtype bf16), --accumulate_grad_batches 1")
     g.add_argument("--ddp_bucket_mb", type=int, default=d.ddp_bucket_mb,
                    help="with --strategy ddp: size of each gradient all-reduce bucket in MB (DDP's bucket_cap_mb); "
-                        "buckets are all-reduced while the backward runs. 0 (default): on one node one bucket, the "
-                        "whole gradient all-reduced once after the backward (faster over NVLink: nothing slows the "
-                        "backward's matmuls); across nodes (--num_nodes > 1) 100 MB buckets that overlap it")
+                        "the buckets are all-reduced while the backward runs (default 100). 0: on one node one "
+                        "bucket, the whole gradient all-reduced once after the backward, so nothing runs beside its "
+                        "matmuls (across nodes, --num_nodes > 1: 100 MB)")
     g.add_argument("--ddp_grad_dtype", default=d.ddp_grad_dtype, choices=["fp32", "bf16"],
                    help="with --strategy ddp: all-reduce the gradients in fp32 (exact average) or bf16 (half the "
                         "bytes between GPUs; each bucket rounded to bf16 once, as DeepSpeed's bf16 training "
