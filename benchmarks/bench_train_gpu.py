@@ -34,17 +34,20 @@ One step = forward + backward + gradient clipping (1.0) + AdamW step, with the p
 keeps the weights in bf16). Timing: ``--warmup`` steps, then ``--steps`` timed steps between two
 ``cuda.synchronize()`` calls. Prints one table row per (stage, micro_bsz, text_len): step time,
 samples/s, tokens/s (real tokens with the image tokens, padding not counted) and peak GPU memory.
+With ``--lightning`` each rank also prints where its timed steps' device time went (CUDA events around the
+forward, the backward, the rest of the step and the time between steps: no profiler overhead) and, on a GPU,
+every host-device synchronisation of one more step with the code outside torch that led to it.
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import gc
 import os
+import statistics
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -442,6 +445,49 @@ class GCClock:
                 f"{'/'.join(map(str, self.by_gen))}); {len(gc.get_objects())} tracked objects")
 
 
+class PhaseClock:
+    """When each part of the timed Lightning steps ran on the device, without a profiler's overhead.
+
+    CUDA events recorded on the current stream at the start of each step, before and after its backward and
+    at its end (no synchronisation: read after the timed steps' final sync); the host clock on a CPU. Under
+    DDP the backward's span includes waiting for the gradient all-reduce (DDP's reducer makes the stream
+    wait for it before the backward returns); "between steps" is device time outside Lightning's step hooks
+    (the next batch's copy to the GPU, the loop's own work, or the GPU idle waiting for the host).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.steps: List[Dict[str, Any]] = []
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            stamp = torch.cuda.Event(enable_timing=True)
+            stamp.record()
+        else:
+            stamp = time.perf_counter()
+        if name == "start":
+            self.steps.append({})
+        if self.steps:
+            self.steps[-1][name] = stamp
+
+    def _ms(self, a, b) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+    def means(self) -> Dict[str, float]:
+        """Mean ms per timed step of each part (after the device has finished the steps)."""
+        done = [s for s in self.steps if len(s) == 4]
+        parts = {"forward + loss": ("start", "backward"), "backward": ("backward", "after_backward"),
+                 "optimizer + rest of the step": ("after_backward", "end")}
+        out = {k: statistics.mean(self._ms(s[a], s[b]) for s in done) for k, (a, b) in parts.items()}
+        gaps = [self._ms(x["end"], y["start"]) for x, y in zip(done, done[1:])]
+        out["between steps"] = statistics.mean(gaps) if gaps else 0.0
+        return out
+
+    def report(self) -> str:
+        m = self.means()
+        return ", ".join(f"{k} {v:.1f}" for k, v in m.items()) + f" (sum {sum(m.values()):.1f} ms)"
+
+
 def uses_ddp(a: argparse.Namespace) -> bool:
     """Whether the Lightning run wraps the model in DDP: several GPUs, or --ddp 1 on one."""
     return a.devices > 1 or bool(a.ddp)
@@ -474,20 +520,28 @@ def time_lightning(model, batches, a, device) -> float:
         caught = None
         gc_clock = GCClock()  # this call's timed steps only
 
+        phases = PhaseClock(device)
+
+        def timed(self, batch_idx: int) -> bool:
+            return a.warmup <= batch_idx < a.warmup + a.steps
+
         def on_train_batch_start(self, trainer, pl_module, b, batch_idx):
             if batch_idx == a.warmup:
                 sync(device)
                 self.gc_clock.start()
                 self.t0 = time.perf_counter()
+            self.batch_idx = batch_idx  # for the backward hooks, which are not given it
+            if self.timed(batch_idx):
+                self.phases.mark("start")
             if counted and batch_idx == a.warmup + a.steps:
                 # Every host-device synchronisation in one whole Lightning step (hooks, loop, optimizer):
                 # each one drains the GPU's queue, which then idles while the host launches again.
-                import warnings
+                sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+                from gpu_profile import SyncSites
 
                 sync(device)
-                self.caught = warnings.catch_warnings(record=True)
-                self.warned = self.caught.__enter__()
-                warnings.simplefilter("always")
+                self.caught = SyncSites()
+                self.caught.__enter__()
                 torch.cuda.set_sync_debug_mode("warn")
             if batch_idx == a.warmup + a.steps + int(counted):  # with --profile: one more step, profiled
                 from torch.profiler import ProfilerActivity, profile
@@ -497,8 +551,18 @@ def time_lightning(model, batches, a, device) -> float:
                 self.prof.__enter__()
                 self.tp = time.perf_counter()
 
+        def on_before_backward(self, trainer, pl_module, loss):
+            if self.timed(self.batch_idx):
+                self.phases.mark("backward")
+
+        def on_after_backward(self, trainer, pl_module):
+            if self.timed(self.batch_idx):
+                self.phases.mark("after_backward")
+
         def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx):
             # after the optimizer step (automatic optimization)
+            if self.timed(batch_idx):
+                self.phases.mark("end")
             if batch_idx == a.warmup + a.steps - 1:
                 # Nothing in the timed steps waits for the GPU unless the loop syncs, so the host's time
                 # to queue them is close to the step time only when it is CPU-bound (or the queue is full).
@@ -514,16 +578,14 @@ def time_lightning(model, batches, a, device) -> float:
                           flush=True)
                 print(f"  rank {trainer.global_rank}'s GPU near the end of the timed steps: {state}", file=sys.stderr,
                       flush=True)
+                print(f"  rank {trainer.global_rank}'s step, mean ms on the {'GPU' if device.type == 'cuda' else 'host'}: "
+                      f"{self.phases.report()}", file=sys.stderr, flush=True)
             if self.caught is not None and batch_idx == a.warmup + a.steps:
                 torch.cuda.set_sync_debug_mode("default")
                 self.caught.__exit__(None, None, None)
-                self.caught = None
-                where = collections.Counter(f"{w.filename.split('site-packages/')[-1]}:{w.lineno}"
-                                            for w in self.warned if "synchroniz" in str(w.message))
                 if trainer.global_rank == 0:
-                    print(f"  host-device synchronisations in one Lightning step: {sum(where.values())}"
-                          + "".join(f"\n    {c} x {loc}" for loc, c in where.most_common(6)), file=sys.stderr,
-                          flush=True)
+                    print("  " + self.caught.report("one Lightning step"), file=sys.stderr, flush=True)
+                self.caught = None
             if self.prof is not None and batch_idx == a.warmup + a.steps + int(counted):
                 sync(device)
                 wall = time.perf_counter() - self.tp

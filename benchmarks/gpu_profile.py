@@ -131,28 +131,75 @@ def idle_gaps(spans, repeat: int = 1, top: int = 12, min_us: float = 20.0):
     return lines
 
 
+class SyncSites:
+    """Where host-device synchronisations happen, with who called them.
+
+    Inside ``with SyncSites() as sites`` (and with ``torch.cuda.set_sync_debug_mode("warn")`` on, which the
+    caller sets: it needs CUDA) every synchronisation warning is counted by the Python frame that raised it
+    (a torch function such as ``torch/cuda/__init__.py``) and the first ``depth`` frames outside torch that led
+    to it, so the report names the code to change, not only torch's line.
+    """
+
+    def __init__(self, depth: int = 2) -> None:
+        import collections
+
+        self.depth = depth
+        self.where = collections.Counter()
+
+    def __enter__(self) -> "SyncSites":
+        import warnings
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("always")
+        warnings.showwarning = self._show  # restored by catch_warnings on exit
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._catch.__exit__(*exc)
+
+    def _show(self, message, category, filename, lineno, file=None, line=None) -> None:
+        import traceback
+
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
+        frames.reverse()  # innermost first
+        # the frame the warning names, then the first frames outside torch that led to it
+        names = [f"{_short(filename)}:{lineno}"]
+        names += [f"{_short(f.filename)}:{f.lineno} ({f.name})" for f in frames
+                  if "/torch/" not in f.filename and f.filename != __file__][: self.depth]
+        self.where[" <- ".join(names)] += 1
+
+    @property
+    def count(self) -> int:
+        return sum(self.where.values())
+
+    def report(self, label: str, top: int = 6) -> str:
+        lines = [f"host-device synchronisations in {label}: {self.count}"]
+        lines += [f"    {c} x {site}" for site, c in self.where.most_common(top)]
+        return "\n".join(lines)
+
+
+def _short(path: str) -> str:
+    """A file name as the reports show it: from site-packages (or the repository) on."""
+    for mark in ("site-packages/", "/visualrwkv/", "/benchmarks/", "/tests/"):
+        if mark in path:
+            return (mark.strip("/") + "/" if not mark.startswith("site") else "") + path.split(mark)[-1]
+    return path
+
+
 def count_syncs(fn: Callable[[], object], top: int = 6) -> str:
     """Run fn once with CUDA sync debugging on and report the host-device synchronisations it
     makes (each one drains the GPU's queue, which then idles while the host launches again)."""
-    import collections
-    import warnings
-
     torch.cuda.synchronize()
-    where = collections.Counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with SyncSites() as sites:
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    for w in caught:
-        if "synchroniz" in str(w.message):
-            where[f"{w.filename.split('site-packages/')[-1]}:{w.lineno}"] += 1
-    n = sum(where.values())
-    lines = [f"host-device synchronisations in one call: {n}"]
-    lines += [f"  {count:>4} x {loc}" for loc, count in where.most_common(top)]
-    return "\n".join(lines)
+    return sites.report("one call", top)
 
 
 def wall_and_kernel_ms(step: Callable[[], object], iters: int = 30, profiled: int = 10):

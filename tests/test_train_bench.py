@@ -32,6 +32,16 @@ def test_bench_tiny_smoke():
     # the diagnostics of a slow run: time in Python's GC and the card's state (none here: a CPU)
     assert r.stderr.count("Python's cyclic GC in the timed steps: ") == 2
     assert r.stderr.count("rank 0's GPU near the end of the timed steps: n/a (not a CUDA device)") == 2
+    # where each step's time goes (host clock here): the parts are positive and add up to about the step time
+    import re
+
+    phases = re.findall(r"rank 0's step, mean ms on the host: forward \+ loss ([\d.]+), backward ([\d.]+), "
+                        r"optimizer \+ rest of the step ([\d.]+), between steps ([\d.]+) \(sum ([\d.]+) ms\)", r.stderr)
+    assert len(phases) == 2
+    for (fwd, bwd, rest, gap, total), row in zip(phases, rows):
+        assert float(fwd) > 0 and float(bwd) > 0 and float(rest) > 0 and float(gap) >= 0
+        assert abs(float(fwd) + float(bwd) + float(rest) + float(gap) - float(total)) < 0.25
+        assert 0.6 < float(total) / float(row[4]) < 1.5, (total, row)  # against the row's step_ms
     # --ddp 1: the same step wrapped in DDP on one device (gloo here)
     r = _run("--tiny", "--lightning", "--ddp", "1", "--stages", "2", "--ddp_gemm_sm_carveout", "8")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -95,3 +105,24 @@ def test_overlap_bench_without_two_gpus_exits_cleanly():
     r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_overlap.py")], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "needs 2 or more CUDA GPUs" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sync_sites_name_the_code_that_led_to_a_synchronisation():
+    # What bench_train_gpu.py reports for one Lightning step: the warning's own frame and the callers outside
+    # torch that led to it (here this test's helper), counted per site; other warnings are not counted.
+    import warnings
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from gpu_profile import SyncSites
+
+    def loss_logging():
+        warnings.warn("called a synchronizing CUDA operation")
+
+    with SyncSites() as sites:
+        for _ in range(3):
+            loss_logging()
+        warnings.warn("something else")
+    assert sites.count == 3 and len(sites.where) == 1
+    site = next(iter(sites.where))
+    assert "(loss_logging)" in site and "tests/test_train_bench.py:" in site
+    assert sites.report("one Lightning step").startswith("host-device synchronisations in one Lightning step: 3\n    3 x ")
