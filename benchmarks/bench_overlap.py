@@ -123,6 +123,17 @@ def _beside(mm: Matmuls, group, buf: torch.Tensor, n_reduce: int, repeats: int) 
     return statistics.median(mm_ms), statistics.median(all_ms)
 
 
+def agreed_count(n: int, device: torch.device) -> int:
+    """The largest of the ranks' ``n``: a count of collectives each rank derives from its own timings must be
+    the same on every rank, or the rank that issues more waits forever for partners (r67/r68: the side-by-side
+    rows never finished)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def _worker(rank: int, world: int, store: str, a: argparse.Namespace) -> None:
     import torch.distributed as dist
 
@@ -170,8 +181,8 @@ def _worker(rank: int, world: int, store: str, a: argparse.Namespace) -> None:
     whole = _time(lambda: dist.all_reduce(grad, group=groups["NCCL defaults"]), max(1, a.repeats // 2))
     add(f"the whole {a.grad_gb} GB gradient reduced alone (no overlap), NCCL defaults", whole,
         f"bus {grad.numel() * 2 / (whole / 1e3) * 2 * (world - 1) / world / 1e9:.0f} GB/s")
-    # enough all-reduces to outlast the matmul pass even at full speed
-    n_reduce = max(4, int(alone / max(rows[2][1], 1e-3)) + 4)
+    # enough all-reduces to outlast the matmul pass even at full speed; every rank must issue the same number
+    n_reduce = agreed_count(max(4, int(alone / max(rows[2][1], 1e-3)) + 4), device)
     for name, g in groups.items():
         for sms in (0, a.carveout):
             carveout = BackwardGemmCarveout(sms)  # sms 0: cuBLAS, every SM

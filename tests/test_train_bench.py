@@ -126,3 +126,25 @@ def test_sync_sites_name_the_code_that_led_to_a_synchronisation():
     site = next(iter(sites.where))
     assert "(loss_logging)" in site and "tests/test_train_bench.py:" in site
     assert sites.report("one Lightning step").startswith("host-device synchronisations in one Lightning step: 3\n    3 x ")
+
+
+def _agreed_count_worker(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from bench_overlap import agreed_count
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        n = agreed_count(52 + rank, torch.device("cpu"))  # each rank's own count from its own timings
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(str(n))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_overlap_bench_ranks_agree_on_the_number_of_all_reduces(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agreed_count_worker, args=(str(tmp_path / "store"), str(tmp_path / "n")), nprocs=2)
+    assert [open(tmp_path / f"n.{r}").read() for r in (0, 1)] == ["53", "53"]
