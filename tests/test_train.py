@@ -285,8 +285,9 @@ def _cli(argv, **kw):
 
 
 def test_model_buffers_are_constants_so_ddp_need_not_broadcast_them(env, tmp_path):
-    # make_strategy gives DDP broadcast_buffers=False: right only while every buffer is a constant that
-    # each rank builds alike (the CLIP tower's position ids). A new buffer must be looked at here.
+    # make_strategy tells DDP not to broadcast buffers before each forward (no_buffer_sync_kwargs): right
+    # only while every buffer is a constant that each rank builds alike (the CLIP tower's position ids).
+    # A new buffer must be looked at here.
     from visualrwkv.train.config import parse_args
     from visualrwkv.train.model import build_model
 

@@ -148,3 +148,13 @@ def test_overlap_bench_ranks_agree_on_the_number_of_all_reduces(tmp_path):
 
     mp.spawn(_agreed_count_worker, args=(str(tmp_path / "store"), str(tmp_path / "n")), nprocs=2)
     assert [open(tmp_path / f"n.{r}").read() for r in (0, 1)] == ["53", "53"]
+
+
+def test_ddp_host_bench_prints_a_row_per_parameter_count():
+    r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_ddp_host.py"), "--params", "20,60",
+                        "--reps", "20"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [l.strip("|").split("|") for l in r.stdout.splitlines() if l.startswith("| ") and l[2].isdigit()]
+    assert [int(row[0]) for row in rows] == [20, 60]
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
+    assert "FutureWarning" not in r.stderr  # DDP built as train builds it: no deprecated keyword

@@ -313,7 +313,8 @@ def test_optional_extras_missing_give_one_clear_message():
     ddp = make_strategy(parse_args(BASE + ["--strategy", "ddp"]))  # the defaults
     assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs["bucket_cap_mb"] == 100 and ddp.nccl_env == overlap
     assert ddp._ddp_kwargs["gradient_as_bucket_view"] and not ddp._ddp_kwargs["find_unused_parameters"]
-    assert ddp._ddp_kwargs["broadcast_buffers"] is False
+    # no broadcast of the (constant) buffers before each forward, under whichever name this torch has
+    assert ddp._ddp_kwargs.get("forward_sync_buffers", ddp._ddp_kwargs.get("broadcast_buffers")) is False
     one = make_strategy(parse_args(BASE + ["--strategy", "ddp", "--ddp_bucket_mb", "0"]))  # one node: one bucket
     assert one._ddp_kwargs["bucket_cap_mb"] == ONE_BUCKET_MB
     assert one.nccl_env == {"TORCH_NCCL_HIGH_PRIORITY": "1"}  # NCCL's own CTAs for the one all-reduce, alone

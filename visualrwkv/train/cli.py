@@ -96,7 +96,7 @@ def make_strategy(cfg: TrainConfig):
         # One FSDP unit per RWKV block, so parameters are gathered block by block.
         return FSDPStrategy(auto_wrap_policy={Block}, cpu_offload=name == "fsdp_cpu_offload", state_dict_type="full")
     if name == "ddp":
-        from visualrwkv.train.strategies import NCCLTunedDDPStrategy, nccl_env
+        from visualrwkv.train.strategies import NCCLTunedDDPStrategy, nccl_env, no_buffer_sync_kwargs
 
         # Every trainable parameter takes part in every step (module.py makes sure of it), so no
         # search for unused parameters; gradients live in the all-reduce buckets (less memory).
@@ -106,7 +106,7 @@ def make_strategy(cfg: TrainConfig):
         # step of r64's NCCL log, and a meeting point of the ranks) is left out.
         return NCCLTunedDDPStrategy(nccl_env=nccl_env(cfg.ddp_nccl_high_priority, cfg.ddp_max_ctas),
                                     find_unused_parameters=False, gradient_as_bucket_view=True,
-                                    bucket_cap_mb=cfg.ddp_bucket_cap_mb, broadcast_buffers=False)
+                                    bucket_cap_mb=cfg.ddp_bucket_cap_mb, **no_buffer_sync_kwargs())
     if name != "auto" and name not in StrategyRegistry:
         raise UserError(f"--strategy {name}: unknown; use auto, ddp, fsdp, deepspeed_stage_1, deepspeed_stage_2 or "
                         "deepspeed_stage_3 (or another strategy name registered in Lightning)")

@@ -2,6 +2,7 @@
 matmuls leave to the all-reduce kernels beside them."""
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Dict
 
@@ -22,6 +23,19 @@ def nccl_env(high_priority: int, max_ctas: int) -> Dict[str, str]:
     if max_ctas:
         env["NCCL_MAX_CTAS"] = str(int(max_ctas))
     return env
+
+
+def no_buffer_sync_kwargs() -> Dict[str, bool]:
+    """DDP's keyword for "do not broadcast the buffers from rank 0 before every forward".
+
+    torch >= 2.13 names it ``forward_sync_buffers`` (``broadcast_buffers`` still works there, with a
+    FutureWarning in every run); older torch has only ``broadcast_buffers``.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 class NCCLTunedDDPStrategy(DDPStrategy):
