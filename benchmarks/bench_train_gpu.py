@@ -155,7 +155,7 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--ddp_avg_in_allreduce", type=int, choices=[0, 1], default=TrainConfig.ddp_avg_in_allreduce,
                    help="with --devices > 1 or --ddp 1: average in NCCL's all-reduce (train --ddp_avg_in_allreduce, "
                         "default 1; 0 = DDP's division of every gradient)")
-    p.add_argument("--ddp_grad_dtype", choices=["fp32", "bf16"], default="fp32",
+    p.add_argument("--ddp_grad_dtype", choices=["fp32", "bf16"], default=TrainConfig.ddp_grad_dtype,
                    help="with --devices > 1: gradient all-reduce dtype (train --ddp_grad_dtype; fp32 = the baseline)")
     p.add_argument("--lightning", action="store_true",
                    help="run the steps through lightning's Trainer with the module of 'visualrwkv train'")

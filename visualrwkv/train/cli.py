@@ -100,7 +100,7 @@ def make_strategy(cfg: TrainConfig):
 
         # Every trainable parameter takes part in every step (module.py makes sure of it), so no
         # search for unused parameters; gradients live in the all-reduce buckets (less memory).
-        # --ddp_grad_dtype bf16: the module registers the all-reduce hook (on_train_start).
+        # The all-reduce hook (--ddp_grad_dtype bf16, --ddp_avg_in_allreduce 1) is the module's (on_train_start).
         # The only buffers are constants every rank builds alike (the tower's position ids, (1, 577) int64),
         # so DDP's default broadcast of them from rank 0 before every forward (a 4616-byte collective in every
         # step of r64's NCCL log, and a meeting point of the ranks) is left out.

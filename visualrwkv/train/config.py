@@ -23,6 +23,8 @@ from visualrwkv.errors import UserError
 
 # DDP's bucket_cap_mb for "one bucket": 1 TiB, larger than any gradient (DDP sizes its buckets to the parameters).
 ONE_BUCKET_MB = 1 << 20
+# DDP's bucket size where the buckets overlap the backward: the default, and --ddp_bucket_mb 0 across nodes.
+OVERLAP_BUCKET_MB = 100
 
 STAGE1_EXAMPLE = """\
   # stage 1 (pre-training): only the projector learns (--freeze_rwkv = n_layer)
@@ -165,7 +167,7 @@ class TrainConfig:
     # one call on 4 x H100 (r69, 1 GPU 312.4 ms) 100 MB buckets won on 2 GPUs, 344.2 ms (1.815x) vs one bucket
     # 352.1; on 4 GPUs (r68/r69) 358.4 vs 359.7. On a 2 x H100 host (r67, 1 GPU 308.8) one bucket took 340.7 ms.
     # torch's 25 MB gave 74 all-reduces per step that NCCL ran with its low-latency protocol at ~157 GB/s.
-    ddp_bucket_mb: int = 100
+    ddp_bucket_mb: int = OVERLAP_BUCKET_MB
     ddp_grad_dtype: str = "fp32"  # with --strategy ddp: dtype of the gradient all-reduce (bf16 halves its bytes)
     # with --strategy ddp: NCCL's kernels on a high-priority CUDA stream (1), and at most this many CTAs (SMs) per
     # NCCL kernel (0 = NCCL's choice; -1, default = 8 where buckets overlap the backward, NCCL's choice for the one
@@ -226,7 +228,7 @@ class TrainConfig:
         """DDP's bucket_cap_mb for --ddp_bucket_mb: 0 = larger than any gradient on one node, 100 across nodes."""
         if self.ddp_bucket_mb:
             return float(self.ddp_bucket_mb)
-        return float(ONE_BUCKET_MB) if self.ddp_one_bucket else 100.0
+        return float(ONE_BUCKET_MB if self.ddp_one_bucket else OVERLAP_BUCKET_MB)
 
     @property
     def ddp_max_ctas(self) -> int:
