@@ -446,46 +446,69 @@ class GCClock:
 
 
 class PhaseClock:
-    """When each part of the timed Lightning steps ran on the device, without a profiler's overhead.
+    """When each part of the timed Lightning steps ran on the device and on the host, without a profiler's overhead.
 
     CUDA events recorded on the current stream at the start of each step, before and after its backward and
     at its end (no synchronisation: read after the timed steps' final sync); the host clock on a CPU. Under
     DDP the backward's span includes waiting for the gradient all-reduce (DDP's reducer makes the stream
     wait for it before the backward returns); "between steps" is device time outside Lightning's step hooks
     (the next batch's copy to the GPU, the loop's own work, or the GPU idle waiting for the host).
+    On CUDA each mark also takes the host clock and asks whether the stream had already run everything queued
+    before it (``Stream.query``, which does not wait): a drained stream at a mark means the GPU was idle,
+    waiting for the host, so the host's time of the part before it is what the step costs there.
     """
+
+    parts = {"forward + loss": ("start", "backward"), "backward": ("backward", "after_backward"),
+             "optimizer + rest of the step": ("after_backward", "end")}
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.steps: List[Dict[str, Any]] = []
 
     def mark(self, name: str) -> None:
+        host = time.perf_counter()
         if self.cuda:
+            drained = torch.cuda.current_stream().query()
             stamp = torch.cuda.Event(enable_timing=True)
             stamp.record()
         else:
-            stamp = time.perf_counter()
+            drained, stamp = False, host
         if name == "start":
             self.steps.append({})
         if self.steps:
-            self.steps[-1][name] = stamp
+            self.steps[-1][name] = (stamp, host, drained)
 
     def _ms(self, a, b) -> float:
         return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
-    def means(self) -> Dict[str, float]:
-        """Mean ms per timed step of each part (after the device has finished the steps)."""
-        done = [s for s in self.steps if len(s) == 4]
-        parts = {"forward + loss": ("start", "backward"), "backward": ("backward", "after_backward"),
-                 "optimizer + rest of the step": ("after_backward", "end")}
-        out = {k: statistics.mean(self._ms(s[a], s[b]) for s in done) for k, (a, b) in parts.items()}
-        gaps = [self._ms(x["end"], y["start"]) for x, y in zip(done, done[1:])]
+    def _done(self) -> List[Dict[str, Any]]:
+        return [s for s in self.steps if len(s) == 4]
+
+    def means(self, clock: int = 0) -> Dict[str, float]:
+        """Mean ms per timed step of each part (clock 0: the device's events, read after the device has
+        finished the steps; 1: the host's clock)."""
+        done = self._done()
+        ms = self._ms if clock == 0 else (lambda x, y: (y - x) * 1e3)
+        out = {k: statistics.mean(ms(s[a][clock], s[b][clock]) for s in done) for k, (a, b) in self.parts.items()}
+        gaps = [ms(x["end"][clock], y["start"][clock]) for x, y in zip(done, done[1:])]
         out["between steps"] = statistics.mean(gaps) if gaps else 0.0
         return out
 
+    def drained(self) -> Dict[str, float]:
+        """Share of the timed steps in which the stream had run out of work at each mark."""
+        done = self._done()
+        return {name: sum(s[name][2] for s in done) / len(done) for name in ("start", "backward", "after_backward",
+                                                                             "end")} if done else {}
+
     def report(self) -> str:
         m = self.means()
-        return ", ".join(f"{k} {v:.1f}" for k, v in m.items()) + f" (sum {sum(m.values()):.1f} ms)"
+        text = ", ".join(f"{k} {v:.1f}" for k, v in m.items()) + f" (sum {sum(m.values()):.1f} ms)"
+        if self.cuda and self._done():
+            h = self.means(clock=1)
+            text += "; on the host: " + ", ".join(f"{k} {v:.1f}" for k, v in h.items()) + \
+                f" (sum {sum(h.values()):.1f} ms); GPU out of work at " + \
+                ", ".join(f"{k} {100 * v:.0f}%" for k, v in self.drained().items()) + " of the steps"
+        return text
 
 
 def uses_ddp(a: argparse.Namespace) -> bool:
@@ -540,7 +563,7 @@ def time_lightning(model, batches, a, device) -> float:
                 from gpu_profile import SyncSites
 
                 sync(device)
-                self.caught = SyncSites()
+                self.caught = SyncSites(depth=4)
                 self.caught.__enter__()
                 torch.cuda.set_sync_debug_mode("warn")
             if batch_idx == a.warmup + a.steps + int(counted):  # with --profile: one more step, profiled

@@ -6,6 +6,7 @@ and the top kernels, with the GPU's busy fraction of the wall time (low = launch
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from typing import Callable
@@ -168,7 +169,7 @@ class SyncSites:
         # the frame the warning names, then the first frames outside torch that led to it
         names = [f"{_short(filename)}:{lineno}"]
         names += [f"{_short(f.filename)}:{f.lineno} ({f.name})" for f in frames
-                  if "/torch/" not in f.filename and f.filename != __file__][: self.depth]
+                  if not _in_torch(f.filename) and f.filename != __file__][: self.depth]
         self.where[" <- ".join(names)] += 1
 
     @property
@@ -179,6 +180,15 @@ class SyncSites:
         lines = [f"host-device synchronisations in {label}: {self.count}"]
         lines += [f"    {c} x {site}" for site, c in self.where.most_common(top)]
         return "\n".join(lines)
+
+
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _in_torch(path: str) -> bool:
+    """Whether a frame's file is part of the torch package (by its directory: a path merely containing
+    "/torch/", such as a virtual environment at /opt/torch/.venv, is not)."""
+    return os.path.abspath(path).startswith(_TORCH_DIR)
 
 
 def _short(path: str) -> str:

@@ -128,6 +128,17 @@ def test_sync_sites_name_the_code_that_led_to_a_synchronisation():
     assert sites.report("one Lightning step").startswith("host-device synchronisations in one Lightning step: 3\n    3 x ")
 
 
+def test_sync_sites_tell_torch_by_its_package_directory():
+    # The device machine's environment lives at /opt/torch/.venv: every path there contains "/torch/", and a
+    # substring test dropped Lightning's and this repository's frames from the report (only torch's line left).
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from gpu_profile import _in_torch
+
+    assert _in_torch(torch.__file__) and _in_torch(os.path.join(os.path.dirname(torch.__file__), "cuda", "x.py"))
+    assert not _in_torch("/opt/torch/.venv/lib/python3.12/site-packages/lightning/pytorch/loops/loop.py")
+    assert not _in_torch(os.path.join(REPO, "visualrwkv", "train", "module.py"))
+
+
 def _agreed_count_worker(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
