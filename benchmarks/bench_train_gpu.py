@@ -155,6 +155,10 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--ddp_avg_in_allreduce", type=int, choices=[0, 1], default=TrainConfig.ddp_avg_in_allreduce,
                    help="with --devices > 1 or --ddp 1: average in NCCL's all-reduce (train --ddp_avg_in_allreduce, "
                         "default 1; 0 = DDP's division of every gradient)")
+    p.add_argument("--lightning_sigterm", action="store_true",
+                   help="with --devices > 1: baseline with Lightning's own SIGTERM check at each step's start (a "
+                        "broadcast read back with .item(): the host waits for the GPU every step) instead of "
+                        "train's lagged one (train/strategies.py::LaggedSigtermCheck)")
     p.add_argument("--ddp_grad_dtype", choices=["fp32", "bf16"], default=TrainConfig.ddp_grad_dtype,
                    help="with --devices > 1: gradient all-reduce dtype (train --ddp_grad_dtype; fp32 = the baseline)")
     p.add_argument("--lightning", action="store_true",
@@ -537,6 +541,10 @@ def time_lightning(model, batches, a, device) -> float:
                       strategy="ddp" if uses_ddp(a) else "auto")
     trainable = [n_ for n_, p in model.named_parameters() if p.requires_grad]
     module = VisualRWKVTrainModule(model, cfg, trainable)
+    if a.lightning_sigterm:
+        import visualrwkv.train.strategies as strategies
+
+        strategies.install_lagged_sigterm_check = lambda trainer, lag=2: False  # the module calls it at train start
 
     class Timer(pl.Callback):
         prof = None
@@ -556,16 +564,6 @@ def time_lightning(model, batches, a, device) -> float:
             self.batch_idx = batch_idx  # for the backward hooks, which are not given it
             if self.timed(batch_idx):
                 self.phases.mark("start")
-            if counted and batch_idx == a.warmup + a.steps:
-                # Every host-device synchronisation in one whole Lightning step (hooks, loop, optimizer):
-                # each one drains the GPU's queue, which then idles while the host launches again.
-                sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-                from gpu_profile import SyncSites
-
-                sync(device)
-                self.caught = SyncSites(depth=4)
-                self.caught.__enter__()
-                torch.cuda.set_sync_debug_mode("warn")
             if batch_idx == a.warmup + a.steps + int(counted):  # with --profile: one more step, profiled
                 from torch.profiler import ProfilerActivity, profile
 
@@ -603,11 +601,23 @@ def time_lightning(model, batches, a, device) -> float:
                       flush=True)
                 print(f"  rank {trainer.global_rank}'s step, mean ms on the {'GPU' if device.type == 'cuda' else 'host'}: "
                       f"{self.phases.report()}", file=sys.stderr, flush=True)
+                if counted:
+                    # Every host-device synchronisation in one whole iteration of Lightning's loop, from here
+                    # to the end of the next step (the loop's own work before the step's hooks included):
+                    # each one drains the GPU's queue, which then idles while the host launches again. The
+                    # mode is set first: torch warns from set_sync_debug_mode's own line otherwise.
+                    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+                    from gpu_profile import SyncSites
+
+                    torch.cuda.set_sync_debug_mode("warn")
+                    self.caught = SyncSites(depth=4)
+                    self.caught.__enter__()
             if self.caught is not None and batch_idx == a.warmup + a.steps:
                 torch.cuda.set_sync_debug_mode("default")
                 self.caught.__exit__(None, None, None)
                 if trainer.global_rank == 0:
-                    print("  " + self.caught.report("one Lightning step"), file=sys.stderr, flush=True)
+                    print("  " + self.caught.report("one iteration of Lightning's training loop"), file=sys.stderr,
+                          flush=True)
                 self.caught = None
             if self.prof is not None and batch_idx == a.warmup + a.steps + int(counted):
                 sync(device)
@@ -696,7 +706,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     buckets = "one bucket after the backward" if dcfg.ddp_one_bucket else f"{dcfg.ddp_bucket_cap_mb:g} MB buckets"
     ddp = (f" (DDP, {buckets}, NCCL stream priority {'high' if a.ddp_nccl_high_priority else 'normal'}"
            f", {dcfg.ddp_max_ctas or 'NCCL-chosen'} CTAs, backward matmuls leave {a.ddp_gemm_sm_carveout} SMs, "
-           f"{'AVG in the all-reduce' if a.ddp_avg_in_allreduce else 'DDP divides each gradient'})") if a.lightning and uses_ddp(a) else ""
+           f"{'AVG in the all-reduce' if a.ddp_avg_in_allreduce else 'DDP divides each gradient'}, "
+           f"{'Lightning' if a.lightning_sigterm else 'lagged'} SIGTERM check)") if a.lightning and uses_ddp(a) else ""
     say(f"# {name} x {a.devices if a.lightning else 1}{ddp}; model {model.rwkv.cfg.n_layer} x {model.rwkv.cfg.n_embd}, vocab {model.rwkv.cfg.vocab_size}, "
           f"{n_params / 1e9:.2f}B parameters incl. tower; {model.n_image_tokens} image tokens/sample; "
           f"precision {a.precision if device.type == 'cuda' else 'fp32'}; grad_cp {a.grad_cp}; pack {a.pack}; "

@@ -46,11 +46,12 @@ def test_bench_tiny_smoke():
     r = _run("--tiny", "--lightning", "--ddp", "1", "--stages", "2", "--ddp_gemm_sm_carveout", "8")
     assert r.returncode == 0, r.stderr[-2000:]
     assert ("x 1 (DDP, 100 MB buckets, NCCL stream priority high, 8 CTAs, backward matmuls leave 8 SMs, AVG in the "
-            "all-reduce);") in r.stdout  # train's DDP defaults
-    r = _run("--tiny", "--lightning", "--ddp", "1", "--stages", "2", "--ddp_bucket_mb", "0", "--ddp_avg_in_allreduce", "0")
+            "all-reduce, lagged SIGTERM check);") in r.stdout  # train's DDP defaults
+    r = _run("--tiny", "--lightning", "--ddp", "1", "--stages", "2", "--ddp_bucket_mb", "0", "--ddp_avg_in_allreduce", "0",
+             "--lightning_sigterm")
     assert r.returncode == 0, r.stderr[-2000:]
     assert ("x 1 (DDP, one bucket after the backward, NCCL stream priority high, NCCL-chosen CTAs, backward matmuls "
-            "leave 0 SMs, DDP divides each gradient);") in r.stdout
+            "leave 0 SMs, DDP divides each gradient, Lightning SIGTERM check);") in r.stdout
     assert len([l for l in r.stdout.splitlines() if l.strip()[:1].isdigit()]) == 1
     r = _run("--tiny")
     assert r.returncode == 0 and len([l for l in r.stdout.splitlines() if l.strip()[:1].isdigit()]) == 2

@@ -146,6 +146,10 @@ class VisualRWKVTrainModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------ optimizer
     def on_train_start(self) -> None:
+        # Lightning's per-step SIGTERM broadcast, read back without draining the GPU (strategies.py).
+        from visualrwkv.train.strategies import install_lagged_sigterm_check
+
+        install_lagged_sigterm_check(self.trainer)
         # --ddp_grad_dtype bf16 (optim.bf16_allreduce_hook). Registered here, on the DDP wrapper
         # Lightning has built by now, rather than through DDPStrategy(ddp_comm_hook=...), which
         # Lightning applies on CUDA only: this way the CPU test runs the same code.

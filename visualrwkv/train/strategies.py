@@ -89,3 +89,80 @@ class BackwardGemmCarveout:
         self._saved = None
         torch.backends.cuda.preferred_blas_library(backend)
         torch._C._set_sm_carveout_experimental(carveout)
+
+
+class LaggedSigtermCheck:
+    """Lightning's "did rank 0 get SIGTERM?" check without a host-device synchronisation per step.
+
+    Lightning (>= 2.5.3) starts every training step of a multi-process run by broadcasting rank 0's SIGTERM
+    flag and reading it with ``.item()``: on CUDA the host then waits for the GPU to finish the whole previous
+    step, and the GPU waits in turn while the host launches the next step's first kernels. Measured on 2 and
+    4 H100s (stage 2, 1.6B): 81-86 ms of host time between steps against 13 ms on one GPU, the GPU out of
+    work at 35-60% of the step starts.
+
+    Here step k broadcasts asynchronously (a side stream copies the result into pinned host memory behind an
+    event) and decides on the broadcast of step k - lag, which finished long ago. Every rank decides on the
+    same step's flag, so all stop together, ``lag`` steps later than Lightning would; as there, after a
+    barrier, with ``SIGTERMException``. Shapes: each slot is a (1,) int32 tensor on the device and its (1,)
+    pinned copy.
+    """
+
+    def __init__(self, loop, lag: int = 2) -> None:
+        if lag < 1:
+            raise ValueError(f"lag {lag}: at least 1 step")
+        self.loop, self.lag = loop, int(lag)
+        self.pending = []  # (device flag, host flag, done event or None, gloo work or None), oldest first
+        self.side = None
+
+    def __call__(self) -> None:
+        import torch.distributed as dist
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        trainer = self.loop.trainer
+        device = trainer.strategy.root_device
+        flag = torch.zeros(1, dtype=torch.int32, device=device)
+        if getattr(trainer, "received_sigterm", False):
+            flag.fill_(1)  # a kernel, not a copy from pageable memory (which would synchronise)
+        work = dist.broadcast(flag, src=0, async_op=True)
+        if device.type == "cuda":
+            if self.side is None:
+                self.side = torch.cuda.Stream(device)
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            done = torch.cuda.Event()
+            with torch.cuda.stream(self.side):
+                work.wait()  # the side stream, not the step's, waits for the broadcast
+                host.copy_(flag, non_blocking=True)
+                done.record()
+            flag.record_stream(self.side)
+            self.pending.append((flag, host, done, None))
+        else:
+            self.pending.append((flag, flag, None, work))
+        if len(self.pending) <= self.lag:
+            return
+        _, host, done, work = self.pending.pop(0)
+        if done is not None:
+            if not done.query():  # finished steps ago in practice; waiting here is the exception
+                done.synchronize()
+        else:
+            work.wait()
+        if int(host[0]) == 1:
+            try:
+                dist.barrier()  # as Lightning: no rank leaves while another is still in a collective
+            except Exception:
+                pass
+            raise SIGTERMException()
+
+
+def install_lagged_sigterm_check(trainer, lag: int = 2) -> bool:
+    """Replace the training loop's per-step SIGTERM broadcast by ``LaggedSigtermCheck`` (multi-process runs
+    of a Lightning that has it). True when installed; a Lightning without the check is left as it is."""
+    import torch.distributed as dist
+
+    loop = trainer.fit_loop.epoch_loop
+    if not callable(getattr(loop, "_broadcast_sigterm_tensor", None)):
+        return False
+    if not (dist.is_available() and dist.is_initialized() and trainer.world_size > 1):
+        return False
+    if not isinstance(loop.__dict__.get("_broadcast_sigterm_tensor"), LaggedSigtermCheck):
+        loop._broadcast_sigterm_tensor = LaggedSigtermCheck(loop, lag)
+    return True
