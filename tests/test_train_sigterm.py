@@ -7,63 +7,68 @@ import pytest
 import torch
 
 
-def _worker(rank: int, store: str, out: str, backend: str, sigterm_rank: int, sigterm_at: int) -> None:
+# (rank that gets SIGTERM, before which step's check) -> the step every rank stops at (-1: none)
+SCENARIOS = [(0, 3), (1, 1)]
+
+
+def _worker(rank: int, store: str, out: str, backend: str) -> None:
     import torch.distributed as dist
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from visualrwkv.train.strategies import LaggedSigtermCheck, install_lagged_sigterm_check
 
+    import faulthandler
+
+    faulthandler.dump_traceback_later(150, exit=True)  # a hung collective fails the test, with where it hung
     device = torch.device(f"cuda:{rank}" if backend == "nccl" else "cpu")
     if backend == "nccl":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=device), received_sigterm=False)
-        class Loop:  # the part of Lightning's training epoch loop that the check replaces
-            def _broadcast_sigterm_tensor(self):
-                raise AssertionError("Lightning's own check ran")
+        stops = []
+        for sigterm_rank, sigterm_at in SCENARIOS:  # one process group for all (NCCL's start is slow)
+            trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=device),
+                                            received_sigterm=False)
 
-        loop = Loop()
-        loop.trainer = trainer
-        assert install_lagged_sigterm_check(types.SimpleNamespace(fit_loop=types.SimpleNamespace(epoch_loop=loop),
-                                                                  world_size=2))
-        check = loop._broadcast_sigterm_tensor  # what the loop now calls at each step's start
-        assert isinstance(check, LaggedSigtermCheck) and check.lag == 2
-        stopped = -1
-        for step in range(8):
-            if rank == sigterm_rank and step == sigterm_at:
-                trainer.received_sigterm = True  # what Lightning's signal handler sets
-            try:
-                check()
-            except SIGTERMException:
-                stopped = step
-                break
-        with open(f"{out}.{rank}", "w") as f:
-            f.write(str(stopped))
-        if stopped < 0:
+            class Loop:  # the part of Lightning's training epoch loop that the check replaces
+                def _broadcast_sigterm_tensor(self):
+                    raise AssertionError("Lightning's own check ran")
+
+            loop = Loop()
+            loop.trainer = trainer
+            assert install_lagged_sigterm_check(types.SimpleNamespace(
+                fit_loop=types.SimpleNamespace(epoch_loop=loop), world_size=2))
+            check = loop._broadcast_sigterm_tensor  # what the loop now calls at each step's start
+            assert isinstance(check, LaggedSigtermCheck) and check.lag == 2
+            stopped = -1
+            for step in range(8):
+                if rank == sigterm_rank and step == sigterm_at:
+                    trainer.received_sigterm = True  # what Lightning's signal handler sets
+                try:
+                    check()
+                except SIGTERMException:
+                    stopped = step
+                    break
+            stops.append(stopped)
             dist.barrier()
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(" ".join(map(str, stops)))
     except BaseException:
         dist.destroy_process_group()
         raise
     os._exit(0)  # no gloo teardown (see test_train_optim.py)
 
 
-def _stops(tmp_path, backend: str, sigterm_rank: int, sigterm_at: int):
-    import torch.multiprocessing as mp
-
-    tag = f"{backend}{sigterm_rank}{sigterm_at}"
-    mp.spawn(_worker, args=(str(tmp_path / f"store{tag}"), str(tmp_path / tag), backend, sigterm_rank, sigterm_at),
-             nprocs=2)
-    return [int(open(f"{tmp_path / tag}.{r}").read()) for r in range(2)]
-
-
 @pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=[pytest.mark.gpu, pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")])])
 def test_rank0_sigterm_stops_every_rank_lag_steps_later(tmp_path, backend):
-    # SIGTERM seen by rank 0 before step 3's check: both ranks leave at step 3 + lag, together.
-    assert _stops(tmp_path, backend, 0, 3) == [5, 5]
-    # Only rank 0's flag is broadcast (as in Lightning): a SIGTERM on rank 1 alone stops nobody here.
-    assert _stops(tmp_path, backend, 1, 1) == [-1, -1]
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path / "stops"), backend), nprocs=2)
+    stops = [open(f"{tmp_path / 'stops'}.{r}").read().split() for r in range(2)]
+    # SIGTERM seen by rank 0 before step 3's check: both ranks leave at step 3 + lag, together. Only rank 0's
+    # flag is broadcast (as in Lightning): a SIGTERM on rank 1 alone stops nobody here.
+    assert stops == [["5", "-1"], ["5", "-1"]]
 
 
 def test_install_replaces_lightnings_check_only_in_multi_process_runs():
