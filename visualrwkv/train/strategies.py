@@ -158,7 +158,7 @@ def install_lagged_sigterm_check(trainer, lag: int = 2) -> bool:
     of a Lightning that has it). True when installed; a Lightning without the check is left as it is."""
     import torch.distributed as dist
 
-    loop = trainer.fit_loop.epoch_loop
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
     if not callable(getattr(loop, "_broadcast_sigterm_tensor", None)):
         return False
     if not (dist.is_available() and dist.is_initialized() and trainer.world_size > 1):
