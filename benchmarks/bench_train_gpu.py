@@ -604,16 +604,13 @@ def time_lightning(model, batches, a, device) -> float:
                 if counted:
                     # Every host-device synchronisation in one whole iteration of Lightning's loop, from here
                     # to the end of the next step (the loop's own work before the step's hooks included):
-                    # each one drains the GPU's queue, which then idles while the host launches again. The
-                    # mode is set first: torch warns from set_sync_debug_mode's own line otherwise.
+                    # each one drains the GPU's queue, which then idles while the host launches again.
                     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
                     from gpu_profile import SyncSites
 
-                    torch.cuda.set_sync_debug_mode("warn")
-                    self.caught = SyncSites(depth=4)
+                    self.caught = SyncSites(depth=4, cuda=True)
                     self.caught.__enter__()
             if self.caught is not None and batch_idx == a.warmup + a.steps:
-                torch.cuda.set_sync_debug_mode("default")
                 self.caught.__exit__(None, None, None)
                 if trainer.global_rank == 0:
                     print("  " + self.caught.report("one iteration of Lightning's training loop"), file=sys.stderr,

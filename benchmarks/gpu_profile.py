@@ -135,21 +135,24 @@ def idle_gaps(spans, repeat: int = 1, top: int = 12, min_us: float = 20.0):
 class SyncSites:
     """Where host-device synchronisations happen, with who called them.
 
-    Inside ``with SyncSites() as sites`` (and with ``torch.cuda.set_sync_debug_mode("warn")`` on, which the
-    caller sets: it needs CUDA) every synchronisation warning is counted by the Python frame that raised it
-    (a torch function such as ``torch/cuda/__init__.py``) and the first ``depth`` frames outside torch that led
-    to it, so the report names the code to change, not only torch's line.
+    Inside ``with SyncSites(cuda=True) as sites`` (CUDA's sync debugging on for the block; ``cuda=False``
+    counts the warnings of whoever else turned it on) every synchronisation warning is counted by the Python
+    frame that raised it (a torch function such as ``torch/cuda/__init__.py``) and the first ``depth`` frames
+    outside torch that led to it, so the report names the code to change, not only torch's line.
     """
 
-    def __init__(self, depth: int = 2) -> None:
+    def __init__(self, depth: int = 2, cuda: bool = False) -> None:
         import collections
 
-        self.depth = depth
+        self.depth, self.cuda = depth, cuda
         self.where = collections.Counter()
 
     def __enter__(self) -> "SyncSites":
         import warnings
 
+        if self.cuda:
+            # Before catching: torch 2.11 warns from set_sync_debug_mode's own line, which is no sync of the code.
+            torch.cuda.set_sync_debug_mode("warn")
         self._catch = warnings.catch_warnings()
         self._catch.__enter__()
         warnings.simplefilter("always")
@@ -157,6 +160,8 @@ class SyncSites:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("default")
         self._catch.__exit__(*exc)
 
     def _show(self, message, category, filename, lineno, file=None, line=None) -> None:
@@ -203,12 +208,8 @@ def count_syncs(fn: Callable[[], object], top: int = 6) -> str:
     """Run fn once with CUDA sync debugging on and report the host-device synchronisations it
     makes (each one drains the GPU's queue, which then idles while the host launches again)."""
     torch.cuda.synchronize()
-    with SyncSites() as sites:
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    with SyncSites(cuda=True) as sites:
+        fn()
     return sites.report("one call", top)
 
 

@@ -2,6 +2,8 @@
 matmuls leave to the all-reduce kernels beside them."""
 from __future__ import annotations
 
+import collections
+import contextlib
 import inspect
 import os
 from typing import Dict
@@ -111,7 +113,7 @@ class LaggedSigtermCheck:
         if lag < 1:
             raise ValueError(f"lag {lag}: at least 1 step")
         self.loop, self.lag = loop, int(lag)
-        self.pending = []  # (device flag, host flag, done event or None, gloo work or None), oldest first
+        self.pending = collections.deque()  # (host-readable flag, CUDA event or gloo work), oldest first
         self.side = None
 
     def __call__(self) -> None:
@@ -133,23 +135,21 @@ class LaggedSigtermCheck:
                 work.wait()  # the side stream, not the step's, waits for the broadcast
                 host.copy_(flag, non_blocking=True)
                 done.record()
-            flag.record_stream(self.side)
-            self.pending.append((flag, host, done, None))
+            flag.record_stream(self.side)  # the allocator keeps it until the side stream's copy has run
+            self.pending.append((host, done))
         else:
-            self.pending.append((flag, flag, None, work))
+            self.pending.append((flag, work))
         if len(self.pending) <= self.lag:
             return
-        _, host, done, work = self.pending.pop(0)
-        if done is not None:
-            if not done.query():  # finished steps ago in practice; waiting here is the exception
-                done.synchronize()
+        host, ready = self.pending.popleft()
+        if isinstance(ready, torch.cuda.Event):
+            if not ready.query():  # finished steps ago in practice; waiting here is the exception
+                ready.synchronize()
         else:
-            work.wait()
+            ready.wait()
         if int(host[0]) == 1:
-            try:
+            with contextlib.suppress(Exception):
                 dist.barrier()  # as Lightning: no rank leaves while another is still in a collective
-            except Exception:
-                pass
             raise SIGTERMException()
 
 
